@@ -1,0 +1,24 @@
+"""fbqc — the fractional-bit quantization compiler (FraQAT) for diffusion transformers.
+
+    import fbqc
+    from fbqc.passes import AnnotateLinears, InsertFakeQuant, Calibrate, Fold, LowerToInteger
+    program = fbqc.export(model, example_inputs)                 # EXPORTED
+    program = fbqc.PassManager([AnnotateLinears(bits=4), InsertFakeQuant(),
+                                Calibrate(data)], verify_each=True)(program)   # FAKE_QUANT
+    program.specs()                                             # QuantSpec per layer
+"""
+from . import fake_quant as _fake_quant  # noqa: F401  registers torch.ops.fbqc.fake_quant_*
+from . import int_ops as _int_ops  # noqa: F401  registers torch.ops.fbqc integer ops
+from .errors import UserError
+from .frontend import export, export_model_file, load_model_file
+from .pass_infra import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
+from .program import Program
+from .spec import ActSpec, QuantSpec, WeightSpec
+from .stage import Stage
+from .verifier import VerificationError, verify
+
+__version__ = "0.1.0"
+
+__all__ = ["export", "export_model_file", "load_model_file", "Program", "Stage", "Pass", "PassResult",
+           "PassManager", "PassError", "PreconditionError", "PostconditionError", "QuantSpec",
+           "WeightSpec", "ActSpec", "verify", "VerificationError", "UserError", "__version__"]

@@ -1,0 +1,107 @@
+"""Artifact directories: written to a temporary sibling and renamed into place, with a manifest.
+
+An artifact is self-contained: ``manifest.json`` (versions, flags, per-layer bits and hashes, stage
+history, file hashes), ``io.pt`` (the example inputs and the fake-quant and float models' outputs for
+them, so ``fbqc verify`` needs no model file) and the backend's own files.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+IO_FILE = "io.pt"
+FORMAT = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_writable(out: Path, force: bool) -> None:
+    """Fail early (before minutes of work) if ``out`` cannot be written."""
+    if out.exists() and not force:
+        raise ArtifactError(f"output directory {out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {out} exists and is not a directory")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ArtifactError(f"cannot write {out}: {probe} is not writable (choose another -o)")
+
+
+@contextlib.contextmanager
+def staging(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success rename it to ``out``, else delete it."""
+    check_writable(out, force)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {**manifest, "files": {f: sha256_file(directory / f) for f in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not an fbqc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: artifact format {manifest.get('format')!r}, this fbqc reads {FORMAT}")
+    return manifest
+
+
+def check_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Names of files whose content no longer matches the manifest."""
+    bad = []
+    for name, digest in manifest.get("files", {}).items():
+        p = Path(directory) / name
+        if not p.is_file() or sha256_file(p) != digest:
+            bad.append(name)
+    return bad
+
+
+def save_io(directory: Path, inputs: dict[str, Any], outputs: dict[str, list[torch.Tensor]]) -> None:
+    torch.save({"inputs": inputs, **outputs}, directory / IO_FILE)
+
+
+def load_io(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / IO_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {IO_FILE} (example inputs and reference outputs)")
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,128 @@
+"""Fractional fake quantization as registered custom ops (``torch.ops.fbqc.*``).
+
+The bit-width is a *tensor* input (a 0-d float32 buffer in the graph), so the QAT schedule changes it
+by writing the buffer: no re-export, and ``torch.compile`` sees one opaque op that it does not
+specialise on the value. Gradients are straight-through (weights) and clipped straight-through
+(activations: zero where the input fell outside the grid).
+
+Weights, narrow range (symmetric, signed), per output channel along ``axis`` (``None``: per tensor)::
+
+    qmax = 2**(b-1) - 1          (float64, rounded once to float32)
+    S    = max|W| / qmax         (S = 1 where a channel is all zero)
+    Q    = clamp(round(W / S), -floor(qmax) - 1, floor(qmax))      → W' = Q * S
+
+Weights, wide range (asymmetric), with an integer zero point so the integer lowering is exact::
+
+    S = (max W - min W) / 2**b,  z = clamp(round(-min W / S), 0, L - 1),  L = floor(2**b)
+    Q = clamp(round(W / S) + z, 0, L - 1)                           → W' = (Q - z) * S
+
+Activations, unsigned asymmetric per tensor with calibrated (or learned) scale and zero point::
+
+    Q = clamp(round(x / S) + z, 0, floor(2**b) - 1)                 → x' = (Q - z) * S
+
+Rounding is half-to-even (``torch.round``) everywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["weight_codes", "act_codes", "fake_quant_weight", "fake_quant_act"]
+
+
+def _reduce_dims(w: torch.Tensor, axis: int | None) -> list[int]:
+    if axis is None:
+        return list(range(w.dim()))
+    axis = axis % w.dim()
+    return [d for d in range(w.dim()) if d != axis]
+
+
+def _bound(bits: torch.Tensor, offset: float) -> torch.Tensor:
+    """``2**(bits + offset)`` computed in float64 and rounded once to float32."""
+    return torch.exp2(bits.detach().to(torch.float64) + offset).to(torch.float32)
+
+
+def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (as float32), scale and zero point of ``w``; shapes of S and z broadcast to ``w``."""
+    w = w.detach().to(torch.float32)
+    dims = _reduce_dims(w, axis)
+    if scheme == "narrow":
+        qmax = _bound(bits, -1.0) - 1.0
+        amax = w.abs().amax(dim=dims, keepdim=True)
+        scale = amax / qmax
+        scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+        hi = torch.floor(qmax)
+        q = torch.clamp(torch.round(w / scale), -hi - 1.0, hi)
+        return q, scale, torch.zeros_like(scale)
+    if scheme == "wide":
+        levels = torch.floor(_bound(bits, 0.0))
+        wmin, wmax = w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True)
+        scale = (wmax - wmin) / _bound(bits, 0.0)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zp = torch.clamp(torch.round(-wmin / scale), 0.0, levels - 1.0)
+        q = torch.clamp(torch.round(w / scale) + zp, 0.0, levels - 1.0)
+        return q, scale, zp
+    raise ValueError(f"unknown weight scheme {scheme!r} (expected 'narrow' or 'wide')")
+
+
+def act_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor
+              ) -> torch.Tensor:
+    """Unsigned activation codes (as float32) of ``x``."""
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0.0, qmax)
+
+
+# --- fbqc::fake_quant_weight ---------------------------------------------------------------------
+
+@torch.library.custom_op("fbqc::fake_quant_weight", mutates_args=())
+def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0,
+                      scheme: str = "narrow") -> torch.Tensor:
+    """Fake-quantize a weight to ``bits`` (fractional allowed) per channel along ``axis``."""
+    q, scale, zp = weight_codes(w, bits, axis, scheme)
+    return ((q - zp) * scale).to(w.dtype)
+
+
+@fake_quant_weight.register_fake
+def _(w, bits, axis=0, scheme="narrow"):
+    return torch.empty_like(w)
+
+
+def _fqw_setup(ctx, inputs, output):
+    pass
+
+
+def _fqw_backward(ctx, grad):
+    return grad, None, None, None
+
+
+fake_quant_weight.register_autograd(_fqw_backward, setup_context=_fqw_setup)
+
+
+# --- fbqc::fake_quant_act ------------------------------------------------------------------------
+
+@torch.library.custom_op("fbqc::fake_quant_act", mutates_args=())
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   bits: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize an activation to unsigned ``bits`` with a per-tensor scale and zero point."""
+    q = act_codes(x, scale, zero_point, bits)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+@fake_quant_act.register_fake
+def _(x, scale, zero_point, bits):
+    return torch.empty_like(x)
+
+
+def _fqa_setup(ctx, inputs, output):
+    x, scale, zero_point, bits = inputs
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    pre = torch.round(x.detach().to(torch.float32) / scale) + zero_point
+    ctx.save_for_backward((pre >= 0) & (pre <= qmax))
+
+
+def _fqa_backward(ctx, grad):
+    (inside,) = ctx.saved_tensors
+    return grad * inside.to(grad.dtype), None, None, None
+
+
+fake_quant_act.register_autograd(_fqa_backward, setup_context=_fqa_setup)

@@ -1,0 +1,212 @@
+"""The compile pipeline: export → annotate → fake quant → calibrate → fold → lower → backend.
+
+``compile_model`` is what ``fbqc compile`` runs; it is usable from Python as well.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .agreement import end_to_end, output_lsb
+from .artifact import FORMAT, save_io, sha256_tensor, staging, write_manifest
+from .data import DATA_FREE_NOTE, samples_around
+from .errors import UserError
+from .frontend import export_model_file
+from .pass_infra import Instrument, PassManager
+from .program import Program
+from .spec import QUANT
+from .stage import Stage
+
+
+@dataclass
+class CompileOptions:
+    target: str = "cpu"
+    bits: float = 4.0
+    scheme: str = "narrow"
+    observer: str = "3sigma"
+    calib_samples: int = 100
+    include: tuple[str, ...] | None = None          # None: fbqc.passes.DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+    layer_bits: dict[str, float] = field(default_factory=dict)
+    a16: tuple[str, ...] = ()
+    preset: str | None = None
+    checkpoint: str | None = None
+    verify_each: bool = False
+    print_after_change: bool = False
+
+    def flags(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("verify_each"), d.pop("print_after_change")
+        return d
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _flat(out) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t.detach() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+class _Progress(Instrument):
+    def __init__(self, bar, log):
+        self.bar, self.log = bar, log
+
+    def before_pass(self, p, program):
+        self.bar.set_description(p.name)
+
+    def after_pass(self, p, result, record):
+        self.bar.update(1)
+        self.log(f"  {record.name:<16} {record.requires:>20} → {record.produces:<10} "
+                 f"{record.seconds:8.2f} s  peak RSS {record.peak_rss_mb / 1024:6.2f} GiB")
+
+
+def build_passes(opts: CompileOptions, data, progress: bool):
+    from fbqc.passes import DEFAULT_INCLUDE, AnnotateLinears, Calibrate, Fold, InsertFakeQuant, \
+        LowerToInteger
+
+    annotate = AnnotateLinears(opts.bits, scheme=opts.scheme, observer=opts.observer,
+                               include=opts.include if opts.include is not None else DEFAULT_INCLUDE,
+                               exclude=opts.exclude, layer_bits=opts.layer_bits,
+                               layer_act_bits={p: 16 for p in opts.a16})
+    return ([annotate, InsertFakeQuant(), Calibrate(data, opts.calib_samples, progress=progress)],
+            [Fold(), LowerToInteger()])
+
+
+def layer_table(program: Program) -> list[dict[str, Any]]:
+    """Per integer layer: spec, shape, parameter count, storage and hashes (manifest 'layers')."""
+    rows = []
+    for n in program.quantized_nodes():
+        spec = n.meta[QUANT]
+        xq, sx, zx, wq_node, ws_node, wz_node, b_node, sy, zy, _ = n.args
+        wq = program.attr(wq_node)
+        cont = spec.weight.container
+        rows.append({"layer": spec.layer, "kind": spec.kind, "weight_bits": spec.weight.bits,
+                     "levels": list(spec.weight.levels), "container": cont.logical,
+                     "scheme": spec.weight.scheme, "act_bits_in": spec.input.bits,
+                     "act_bits_out": spec.output.bits, "shape": list(wq.shape), "params": wq.numel(),
+                     "x_scale": sx, "x_zero_point": zx, "y_scale": sy, "y_zero_point": zy,
+                     "weight_sha256": sha256_tensor(wq),
+                     "storage_bytes": (wq.numel() * cont.bits + 7) // 8 + 4 * wq.shape[0]
+                     + (4 * wq.shape[0] if wz_node is not None else 0)})
+    return rows
+
+
+def size_summary(float_program: Program, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    total_params = sum(t.numel() for t in float_program.graph_module.state_dict().values())
+    float_bytes = sum(t.numel() * t.element_size() for t in float_program.graph_module.state_dict().values())
+    q_params = sum(r["params"] for r in layers)
+    q_bytes = sum(r["storage_bytes"] for r in layers)
+    after = float_bytes - 4 * q_params + q_bytes
+    return {"params": total_params, "quantized_params": q_params,
+            "quantized_fraction": q_params / max(total_params, 1),
+            "float_bytes": float_bytes, "bytes_after": after,
+            "bits_per_quantized_param": 8 * q_bytes / max(q_params, 1),
+            "mean_weight_bits": sum(r["weight_bits"] * r["params"] for r in layers) / max(q_params, 1)}
+
+
+def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions, *, force: bool = False,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compile ``model_path`` to an artifact directory ``out``; returns the summary (``--json``)."""
+    from fbqc.artifact import check_writable
+    from fbqc.backends import load_backend
+
+    out = Path(out)
+    if progress:
+        log = tqdm.write  # keeps log lines and progress bars apart
+    backend = load_backend(opts.target)      # unknown target: fail before any work
+    check_writable(out, force)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    bar = tqdm(total=7, desc="export", unit="stage", disable=not progress, leave=False)
+    t = time.perf_counter()
+    program, mf = export_model_file(model_path, preset=opts.preset, checkpoint=opts.checkpoint)
+    if program.info.get("meta_weights"):
+        raise UserError(f"{model_path}: the model's weights are on the meta device (too large to "
+                        f"materialise here); use `fbqc compile --dry-run` to see its layers and the "
+                        f"memory a full compile needs")
+    timings["export"] = time.perf_counter() - t
+    bar.update(1)
+    log(f"exported {program.info['module']} in {timings['export']:.1f} s "
+        f"({len(program.graph.nodes)} nodes)")
+    with torch.no_grad():
+        t = time.perf_counter()
+        float_out = _flat(program.run_example())
+        timings["float_forward"] = time.perf_counter() - t
+
+    if mf.has("calibration_data"):
+        data, data_note = mf.call("calibration_data"), "calibration_data() of the model file"
+    else:
+        data, data_note = samples_around(program.example_inputs), DATA_FREE_NOTE
+    log(f"calibration: {opts.calib_samples} samples, {opts.observer} ranges, from {data_note} "
+        f"(~{opts.calib_samples * timings['float_forward']:.0f} s at {timings['float_forward']:.1f} s "
+        f"per forward)")
+
+    first, second = build_passes(opts, data, progress)
+    ins = [_Progress(bar, log)]
+    pm = dict(verify_each=opts.verify_each, print_after_change=opts.print_after_change, instruments=ins)
+    fq = PassManager(first, **pm)(program)
+    with torch.no_grad():
+        fq_out = _flat(fq.run_example())
+    integer = PassManager(second, **pm)(fq)
+    with torch.no_grad():
+        int_out = _flat(integer.run_example())
+
+    report = backend.supports(integer)
+    if not report.ok:
+        raise UserError(report.describe())
+    bar.set_description(f"backend {backend.name}")
+    layers = layer_table(integer)
+    lsb = output_lsb(integer)
+    agreement = {
+        "integer_vs_fake_quant": [r.as_dict() for r in end_to_end(int_out, fq_out, lsb)],
+        "integer_vs_float": [r.as_dict() for r in end_to_end(int_out, float_out)],
+        "fake_quant_vs_float": [r.as_dict() for r in end_to_end(fq_out, float_out)],
+    }
+    with staging(out, force) as tmp:
+        t = time.perf_counter()
+        artifact = backend.compile(integer, opts.flags(), tmp)
+        save_io(tmp, integer.example_inputs, {"fake_quant_outputs": fq_out, "float_outputs": float_out})
+        manifest = {
+            "format": FORMAT,
+            "fbqc": __version__,
+            "versions": _versions(),
+            "backend": {"name": backend.name, "version": backend.version, **artifact.manifest},
+            "model": {"file": str(model_path), "module": program.info["module"],
+                      "opts": program.info.get("opts", {})},
+            "flags": opts.flags(),
+            "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                       for k, v in integer.example_inputs.items() if isinstance(v, torch.Tensor)},
+            "calibration": {"samples": opts.calib_samples, "observer": opts.observer, "data": data_note},
+            "stages": [{"pass": r.name, "requires": r.requires, "produces": r.produces,
+                        "modified": r.modified} for r in integer.history],
+            "skipped_layers": program.info.get("skipped_layers", {}),
+            "size": size_summary(program, layers),
+            "agreement": agreement,
+            "layers": layers,
+        }
+        write_manifest(tmp, manifest)
+        timings["backend"] = time.perf_counter() - t
+    bar.update(1)
+    bar.close()
+    timings["total"] = time.perf_counter() - t0
+    timings.update({r.name: r.seconds for r in integer.history})
+    return {"artifact": str(out), "manifest": manifest, "timings": timings, "peak_rss_mb": _rss_mb()}
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "numpy": numpy.__version__}

@@ -46,6 +46,8 @@ def check_writable(out: Path, force: bool) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise ArtifactError(f"cannot write {out}: {probe} is not a directory (choose another -o)")
     if not os.access(probe, os.W_OK):
         raise ArtifactError(f"cannot write {out}: {probe} is not writable (choose another -o)")
 

@@ -37,7 +37,7 @@ def _user_error(e: Exception) -> Exception:
     from .pass_infra import PassError
     from .verifier import VerificationError
 
-    if isinstance(e, (UserError, PassError, VerificationError, ValueError, FileNotFoundError)):
+    if isinstance(e, (UserError, PassError, VerificationError, ValueError, OSError)):
         return UserError(str(e))
     if isinstance(e, MemoryError):
         return UserError("out of memory; try a smaller preset or fewer --calib-samples")
@@ -106,13 +106,16 @@ def main(debug: bool) -> None:
                    "named layers even outside --include).")
 @click.option("--a16", multiple=True, help="Regex of layers kept at 16-bit activations (W?A16).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--dry-run", is_flag=True, help="Export and annotate only: list layers and bits and the "
+              "memory a full compile needs (works for models built on the meta device); writes nothing.")
 @click.option("--verify-each", is_flag=True, help="Run the stage verifier after every pass.")
 @click.option("--print-after-change", is_flag=True, help="Print the graph after every pass that changed it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_samples, observer, scheme,
-            include, exclude, layer_bits, a16, force, verify_each, print_after_change, quiet, as_json):
+            include, exclude, layer_bits, a16, force, dry_run, verify_each, print_after_change, quiet,
+            as_json):
     """Compile MODEL_FILE (model()/example_inputs()) to a quantized artifact for --target."""
     from .pipeline import CompileOptions, compile_model
     from .report import compile_summary
@@ -122,8 +125,15 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
                           exclude=tuple(exclude), layer_bits=layer_bits, a16=tuple(a16),
                           preset=preset, checkpoint=str(checkpoint) if checkpoint else None,
                           verify_each=verify_each, print_after_change=print_after_change)
-    out = output or Path("out") / model_file.stem
     quiet = quiet or as_json
+    if dry_run:
+        from .pipeline import plan
+        from .report import plan_summary
+
+        result = plan(model_file, opts)
+        _emit(ctx, result, plan_summary(result))
+        return
+    out = output or Path("out") / model_file.stem
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     result = compile_model(model_file, out, opts, force=force, progress=not quiet, log=log)
     _emit(ctx, result, compile_summary(result))

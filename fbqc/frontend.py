@@ -7,8 +7,10 @@ arguments of ``forward``), and optionally ``calibration_data``, ``training_data`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import importlib.util
 import inspect
 import traceback
@@ -141,8 +143,11 @@ def export(module: torch.nn.Module, example_inputs: dict[str, Any], *, dynamic_s
     source = source or name
     inputs = _bind_inputs(module, example_inputs, source)
     module.eval()
+    chatter = io.StringIO()   # torch prints graphs on some failures; keep the terminal to one line
     try:
-        ep = torch.export.export(_entry(module), (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with contextlib.redirect_stdout(chatter):
+            ep = torch.export.export(_entry(module), (), inputs, dynamic_shapes=dynamic_shapes,
+                                     strict=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types; we name the module and reason
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{source}: torch.export of {name} failed: {type(e).__name__}: {reason}") from e

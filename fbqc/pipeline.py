@@ -114,6 +114,51 @@ def size_summary(float_program: Program, layers: list[dict[str, Any]]) -> dict[s
             "mean_weight_bits": sum(r["weight_bits"] * r["params"] for r in layers) / max(q_params, 1)}
 
 
+#: peak memory of a full compile ≈ this × the float weights' bytes (measured: Sana-600M full on CPU)
+PEAK_OVER_WEIGHTS = 2.5
+
+
+def plan(model_path: str | Path, opts: CompileOptions, *, log: Callable[[str], None] = print
+         ) -> dict[str, Any]:
+    """Export and annotate only (works on meta-device weights): the layers, bits and memory needed."""
+    from fbqc.passes import AnnotateLinears
+
+    t = time.perf_counter()
+    program, _ = export_model_file(model_path, preset=opts.preset, checkpoint=opts.checkpoint)
+    export_s = time.perf_counter() - t
+    annotate = build_passes(opts, data=(), progress=False)[0][0]
+    assert isinstance(annotate, AnnotateLinears)
+    annotated = PassManager([annotate], verify_each=True)(program)
+    state = annotated.graph_module.state_dict()
+    float_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    layers = []
+    for n in annotated.quantized_nodes():
+        spec = n.meta[QUANT]
+        w = annotated.attr(n.args[1])
+        layers.append({"layer": spec.layer, "kind": spec.kind, "weight_bits": spec.weight.bits,
+                       "container": spec.weight.container.logical, "act_bits_in": spec.input.bits,
+                       "shape": list(w.shape), "params": w.numel()})
+    need = PEAK_OVER_WEIGHTS * float_bytes
+    avail = _available_bytes()
+    return {"module": program.info["module"], "meta_weights": program.info["meta_weights"],
+            "export_seconds": export_s, "params": sum(v.numel() for v in state.values()),
+            "float_bytes": float_bytes, "layers": layers,
+            "quantized_params": sum(r["params"] for r in layers),
+            "compile_memory_estimate_bytes": need, "available_bytes": avail,
+            "fits": avail is not None and need < avail, "peak_rss_mb": _rss_mb()}
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable")
+    except OSError:
+        return None
+
+
+
+
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions, *, force: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compile ``model_path`` to an artifact directory ``out``; returns the summary (``--json``)."""

@@ -82,3 +82,15 @@ def inspect_summary(m: dict[str, Any]) -> str:
         lines.append("kept float: " + ", ".join(f"{k} ({v})" for k, v in m["skipped_layers"].items()))
     lines.append("files    " + ", ".join(m["files"]))
     return "\n".join(lines)
+
+
+def plan_summary(p: dict[str, Any]) -> str:
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    lines = [f"{p['module']}: {p['params']:,} parameters ({gib(p['float_bytes'])} fp32"
+             f"{', on the meta device' if p['meta_weights'] else ''}), exported in {p['export_seconds']:.1f} s",
+             f"{len(p['layers'])} layers to quantize ({_bits_mix(p['layers'])}), "
+             f"{p['quantized_params']:,} params ({100 * p['quantized_params'] / max(p['params'], 1):.1f} %)",
+             f"a full compile needs about {gib(p['compile_memory_estimate_bytes'])} of memory; "
+             + (f"this machine has {gib(p['available_bytes'])} available: "
+                f"{'fits' if p['fits'] else 'does NOT fit'}" if p["available_bytes"] else "")]
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ class AnnotateLinears(Pass):
     ``include``/``exclude`` are regular expressions searched in the layer's module path
     (e.g. ``transformer_blocks.3.attn1.to_q``); ``layer_bits`` maps a pattern to a weight bit-width
     and ``layer_act_bits`` to 8 or 16 activation bits (the last matching pattern wins). A layer that
-    an override names is quantized even if ``include`` does not match it.
+    an override names is quantized even if ``include`` does not match it; ``exclude`` always wins.
     """
 
     requires = (Stage.EXPORTED, Stage.ANNOTATED)
@@ -67,8 +67,8 @@ class AnnotateLinears(Pass):
     def spec_for(self, layer: str, kind: str) -> QuantSpec | None:
         bits = [b for p, b in self._wb if p.search(layer)]
         abits = [b for p, b in self._ab if p.search(layer)]
-        named = bool(bits or abits)
-        if not named and (not any(p.search(layer) for p in self._inc) or any(p.search(layer) for p in self._exc)):
+        included = bool(bits or abits) or any(p.search(layer) for p in self._inc)
+        if not included or any(p.search(layer) for p in self._exc):
             return None
         weight = replace(self.weight, bits=bits[-1]) if bits else self.weight
         act = replace(self.act, bits=abits[-1]) if abits else self.act

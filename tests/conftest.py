@@ -1,0 +1,44 @@
+"""Shared fixtures: the example model files and compiled tiny artifacts (cached per session)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+ARCHS = ["sana", "pixart_sigma", "sd35_medium", "flux_schnell"]
+
+
+def example(name: str) -> Path:
+    return EXAMPLES / f"{name}.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FBQC_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="full-size model: set FBQC_FULL=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+_compiled: dict = {}
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """compiled(arch, bits, **opts) → (artifact dir, result dict), each configuration compiled once."""
+    from fbqc.pipeline import CompileOptions, compile_model
+
+    def build(arch: str, bits: float = 4.0, **kw):
+        key = (arch, bits, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if key not in _compiled:
+            out = tmp_path_factory.mktemp("art") / f"{arch}_{bits}"
+            opts = CompileOptions(bits=bits, calib_samples=kw.pop("calib_samples", 8), **kw)
+            result = compile_model(example(arch), out, opts, progress=False, log=lambda s: None)
+            _compiled[key] = (out, result)
+        return _compiled[key]
+
+    return build

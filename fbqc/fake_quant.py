@@ -11,9 +11,10 @@ Weights, narrow range (symmetric, signed), per output channel along ``axis`` (``
     S    = max|W| / qmax         (S = 1 where a channel is all zero)
     Q    = clamp(round(W / S), -floor(qmax) - 1, floor(qmax))      → W' = Q * S
 
-Weights, wide range (asymmetric), with an integer zero point so the integer lowering is exact::
+Weights, wide range (asymmetric), with an integer zero point so the integer lowering is exact; the
+range [min(min W, 0), max(max W, 0)] always holds 0 (as for activations)::
 
-    S = (max W - min W) / 2**b,  z = clamp(round(-min W / S), 0, L - 1),  L = floor(2**b)
+    S = (wmax - wmin) / 2**b,  z = clamp(round(-wmin / S), 0, L - 1),  L = floor(2**b)
     Q = clamp(round(W / S) + z, 0, L - 1)                           → W' = (Q - z) * S
 
 Activations, unsigned asymmetric per tensor with calibrated (or learned) scale and zero point::
@@ -36,9 +37,9 @@ def _reduce_dims(w: torch.Tensor, axis: int | None) -> list[int]:
     return [d for d in range(w.dim()) if d != axis]
 
 
-def _bound(bits: torch.Tensor, offset: float) -> torch.Tensor:
-    """``2**(bits + offset)`` computed in float64 and rounded once to float32."""
-    return torch.exp2(bits.detach().to(torch.float64) + offset).to(torch.float32)
+def _bound(bits: torch.Tensor, offset: float, minus: float = 0.0) -> torch.Tensor:
+    """``2**(bits + offset) - minus`` computed in float64 and rounded once to float32."""
+    return (torch.exp2(bits.detach().to(torch.float64) + offset) - minus).to(torch.float32)
 
 
 def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
@@ -47,7 +48,7 @@ def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, sche
     w = w.detach().to(torch.float32)
     dims = _reduce_dims(w, axis)
     if scheme == "narrow":
-        qmax = _bound(bits, -1.0) - 1.0
+        qmax = _bound(bits, -1.0, 1.0)
         amax = w.abs().amax(dim=dims, keepdim=True)
         scale = amax / qmax
         scale = torch.where(amax == 0, torch.ones_like(scale), scale)
@@ -56,7 +57,8 @@ def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, sche
         return q, scale, torch.zeros_like(scale)
     if scheme == "wide":
         levels = torch.floor(_bound(bits, 0.0))
-        wmin, wmax = w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True)
+        wmin = w.amin(dim=dims, keepdim=True).clamp(max=0.0)   # the range holds 0, so a one-signed
+        wmax = w.amax(dim=dims, keepdim=True).clamp(min=0.0)   # channel does not collapse to one level
         scale = (wmax - wmin) / _bound(bits, 0.0)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zp = torch.clamp(torch.round(-wmin / scale), 0.0, levels - 1.0)

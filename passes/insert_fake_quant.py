@@ -15,8 +15,8 @@ fbqc = torch.ops.fbqc
 UNCALIBRATED = float("nan")
 
 
-def _scalar(v: float) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.float32)
+def _scalar(v: float, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(v, dtype=dtype)
 
 
 class InsertFakeQuant(Pass):
@@ -35,7 +35,8 @@ class InsertFakeQuant(Pass):
             spec: QuantSpec = node.meta[QUANT]
             x, w = arg(node, 0, "input"), arg(node, 1, "weight")
 
-            bits = program.add_constant(f"{spec.layer}.w_bits", _scalar(spec.weight.bits), before=node)
+            bits = program.add_constant(f"{spec.layer}.w_bits", _scalar(spec.weight.bits, torch.float64),
+                                        before=node)   # float64: 3.1 bits stays 3.1
             with graph.inserting_before(node):
                 wq = graph.call_function(fbqc.fake_quant_weight.default,
                                          (w, bits, spec.weight.axis, spec.weight.scheme))

@@ -59,6 +59,8 @@ class CpuBackend:
         if program.stage != Stage.INTEGER:
             raise ArtifactError(f"the cpu backend takes an INTEGER program, got {program.stage}")
         ep = torch.export.export(program.graph_module, (), program.example_inputs, strict=False)
+        for n in ep.graph.nodes:   # provenance holds id()s of graphs: drop it so equal inputs → equal bytes
+            n.meta.pop("from_node", None)
         torch.export.save(ep, out_dir / PROGRAM_FILE)
         return Artifact(self.name, out_dir, [PROGRAM_FILE], {"program": PROGRAM_FILE})
 

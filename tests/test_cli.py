@@ -161,3 +161,27 @@ def test_verify_detects_tampering(tmp_path, compiled):
 def test_debug_shows_traceback(tmp_path):
     r = CliRunner().invoke(main, ["--debug", "compile", str(tmp_path / "nope.py"), "-q"])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_checkpoint_reaches_the_model_file(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sana_ex", example("sana"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = mod.model()
+    import torch
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.parameters():   # a checkpoint that differs from the random preset
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    m.save_pretrained(tmp_path / "ckpt" / "transformer")
+    r = run("compile", example("sana"), "--checkpoint", tmp_path / "ckpt", "-o", tmp_path / "a", "-q",
+            "--calib-samples", "2", "--json")
+    assert r.exit_code == 0, r.output
+    r2 = run("compile", example("sana"), "-o", tmp_path / "b", "-q", "--calib-samples", "2", "--json")
+    a, b = json.loads(r.output)["manifest"], json.loads(r2.output)["manifest"]
+    assert a["model"]["opts"]["checkpoint"] == str(tmp_path / "ckpt")
+    assert a["layers"][0]["weight_sha256"] != b["layers"][0]["weight_sha256"]
+    r = run("compile", example("sana"), "--checkpoint", tmp_path / "nope", "-o", tmp_path / "c", "-q")
+    assert r.exit_code == 2 and "does not exist" in r.output

@@ -13,6 +13,7 @@ import functools
 import io
 import importlib.util
 import inspect
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ def load_model_file(path: str | Path, **opts: Any) -> ModelFile:
     if path.suffix != ".py":
         raise ModelFileError(f"model file {path} is not a .py file")
     mod_name = f"fbqc_model_{abs(hash(str(path.resolve())))}"
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:   # like `python model.py`: the file may import its neighbours
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -31,11 +31,10 @@ class RangeObserver:
         x = x.detach()
         if not bool(torch.isfinite(x).all()):
             raise PassError("Calibrate", f"activation {self.name} is NaN or Inf on a calibration sample")
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
-        xd = x.to(torch.float64)
-        self.total += float(xd.sum())
-        self.total_sq += float((xd * xd).sum())
+        lo, hi = torch.aminmax(x)
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.total += float(x.sum(dtype=torch.float64))
+        self.total_sq += float((x * x).sum(dtype=torch.float64))
         self.count += x.numel()
         return x
 

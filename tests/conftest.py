@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+if str(EXAMPLES) not in sys.path:   # tests that load an example by path: it imports _common (its neighbour)
+    sys.path.insert(0, str(EXAMPLES))
 ARCHS = ["sana", "pixart_sigma", "sd35_medium", "flux_schnell"]
 
 

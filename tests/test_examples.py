@@ -10,6 +10,7 @@ import gc
 import importlib.util
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ _exported: dict = {}
 
 def load(arch: str):
     if arch not in _modules:
+        if str(EXAMPLES) not in sys.path:   # as fbqc's frontend and `python x.py` do: the files import _common
+            sys.path.insert(0, str(EXAMPLES))
         spec = importlib.util.spec_from_file_location(f"example_{arch}", EXAMPLES / f"{arch}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

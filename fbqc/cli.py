@@ -1,4 +1,4 @@
-"""The ``fbqc`` command line: compile, verify, inspect, list-passes, list-backends."""
+"""The ``fbqc`` command line: compile, train, verify, inspect, list-passes, list-backends."""
 from __future__ import annotations
 
 import json
@@ -83,7 +83,7 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_file", type=click.Path(path_type=Path))
 @click.option("--target", default="cpu", show_default=True, help="Backend (see `fbqc list-backends`).")
 @click.option("--bits", type=str, default="4", callback=_bits, show_default=True,
               help="Weight bits, fractional allowed, in (1, 16].")
@@ -110,21 +110,51 @@ def main(debug: bool) -> None:
               "memory a full compile needs (works for models built on the meta device); writes nothing.")
 @click.option("--verify-each", is_flag=True, help="Run the stage verifier after every pass.")
 @click.option("--print-after-change", is_flag=True, help="Print the graph after every pass that changed it.")
+@click.option("--emit-c", is_flag=True, help="cpu: also write standalone C99 reference code (c/*.c, "
+              "weights.bin, inputs.bin, README.md) that builds with any C compiler; fbqc verify runs it.")
+@click.option("--c-flags", default=None, help="C compiler flags recorded for --emit-c (README, fbqc verify) "
+              "[default: -O2 -std=c99 -ffp-contract=off].")
+@click.option("--soc", default=None, help="htp: target Snapdragon SoC, SM8750 (8 Elite, v79; default), "
+              "SM8650 (v75) or SM8550 (v73).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_samples, observer, scheme,
             include, exclude, layer_bits, a16, force, dry_run, verify_each, print_after_change, quiet,
-            as_json):
-    """Compile MODEL_FILE (model()/example_inputs()) to a quantized artifact for --target."""
+            as_json, emit_c=False, c_flags=None, soc=None):
+    """Compile MODEL_FILE (model()/example_inputs()) to a quantized artifact for --target.
+
+    MODEL_FILE may also be a training run directory (`fbqc train -o RUN`): the model file, bits and
+    layer flags come from the run, -o defaults to out/<run name>."""
     from .pipeline import CompileOptions, compile_model
     from .report import compile_summary
+
+    if model_file.is_dir():                      # a training run (fbqc train): fbqc.qat.run.compile_run
+        from .qat.run import RUN_FLAGS, compile_run
+
+        if dry_run:
+            raise UserError("--dry-run takes a model file, not a training run directory")
+        given = {k: ctx.params[k] for k in RUN_FLAGS
+                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        log = (lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True))
+        result = compile_run(model_file, output or Path("out") / model_file.resolve().name, force=force,
+                             progress=not (quiet or as_json), log=log, target=target,
+                             calib_samples=calib_samples, observer=observer, verify_each=verify_each,
+                             print_after_change=print_after_change, emit_c=emit_c, c_flags=c_flags,
+                             soc=soc, **given)
+        _emit(ctx, result, compile_summary(result))
+        return
 
     opts = CompileOptions(target=target, bits=bits, scheme=scheme, observer=observer,
                           calib_samples=calib_samples, include=tuple(include) or None,
                           exclude=tuple(exclude), layer_bits=layer_bits, a16=tuple(a16),
                           preset=preset, checkpoint=str(checkpoint) if checkpoint else None,
-                          verify_each=verify_each, print_after_change=print_after_change)
+                          verify_each=verify_each, print_after_change=print_after_change,
+                          emit_c=emit_c, c_flags=c_flags, soc=soc)
+    if (emit_c or c_flags) and target != "cpu":
+        raise UserError(f"--emit-c/--c-flags are options of the cpu backend, not of --target {target}")
+    if soc and target != "htp":
+        raise UserError(f"--soc is an option of the htp backend, not of --target {target}")
     quiet = quiet or as_json
     if dry_run:
         from .pipeline import plan
@@ -137,6 +167,94 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     result = compile_model(model_file, out, opts, force=force, progress=not quiet, log=log)
     _emit(ctx, result, compile_summary(result))
+    if emit_c:
+        from fbqc.backends.cpu.c_emit import build_command, normalize_cflags
+
+        log(f"C reference: {build_command(normalize_cflags(c_flags), str(out))} && "
+            f"{out}/run {out}/inputs.bin {out}/outputs.bin   (see {out}/README.md)")
+
+
+@main.command()
+@click.argument("model_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--schedule", default=None, help="fractional | integer | simple | direct, or BITS:PARTS,… "
+              "e.g. '8:1,5.5:1,4:3'  [default: fractional]")
+@click.option("--bits", type=str, default=None, callback=_bits,
+              help="Target weight bits: replaces the final 4 of a named schedule  [default: 4]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 1000]")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: runs/<model file stem>].")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Continue the run in this directory (bit-exact), with its own settings.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option("--lr", type=click.FloatRange(min=0), default=1e-5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Gradient-norm clipping (0: off).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--act-quant", type=click.Choice(["dynamic", "static", "none"]), default="dynamic",
+              show_default=True, help="Activations while training: per-sample dynamic INT8 (the paper's "
+              "GPU setting), static calibrated scales, or float.")
+@click.option("--all-params", is_flag=True, help="Train every parameter, not only the transformer blocks'.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Checkpoint every N steps (also at each bit-width change and at the end).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 autocast, fused AdamW).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the student (one graph for "
+              "every bit-width).")
+@click.option("--preset", default=None, help="Passed to the model file as preset=NAME.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local diffusers checkpoint, passed to the model file as checkpoint=DIR.")
+@click.option("--scheme", type=click.Choice(["narrow", "wide"]), default="narrow", show_default=True)
+@click.option("--include", multiple=True, help="Regex on module paths to quantize (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex on module paths to keep float (repeatable).")
+@click.option("--layer-bits", multiple=True, callback=_pairs,
+              help="PATTERN=BITS: layers that keep these bits instead of following the schedule.")
+@click.option("--a16", multiple=True, help="Regex of layers kept at 16-bit activations.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; just the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
+          act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
+          include, exclude, layer_bits, a16, stop_after, quiet, as_json):
+    """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable)."""
+    import shutil
+
+    from .pipeline import CompileOptions
+    from .qat.run import train_model_file
+    from .qat.summary import summary_text
+
+    quiet = quiet or as_json
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    if resume is not None:
+        keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output"}
+        changed = [k for k in ctx.params if k not in keep
+                   and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        if changed:
+            raise UserError(f"--resume continues with the run's own settings; drop "
+                            f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
+        if output is not None and output.resolve() != resume.resolve():
+            raise UserError(f"--resume {resume} writes into that run; drop -o {output}")
+        out = resume
+        kw = {}
+    else:
+        if model_file is None:
+            raise UserError("fbqc train needs a MODEL_FILE (or --resume RUN_DIR)")
+        out = output or Path("runs") / model_file.stem
+        if out.exists() and any(out.iterdir()):
+            if not force:
+                raise UserError(f"run directory {out} exists; pass --resume {out} to continue it or "
+                                f"--force to replace it")
+            shutil.rmtree(out)
+        opts = CompileOptions(scheme=scheme, include=tuple(include) or None, exclude=tuple(exclude),
+                              layer_bits=layer_bits, a16=tuple(a16), preset=preset,
+                              checkpoint=str(checkpoint) if checkpoint else None)
+        kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
+                  act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
+                  device=device, seed=seed, compile=use_compile)
+    result = train_model_file(model_file, out, schedule=schedule, steps=steps, resume=resume is not None,
+                              progress=not quiet, log=log, stop_after=stop_after, report=False, **kw)
+    _emit(ctx, result.summary, summary_text(result.summary, out))
 
 
 @main.command()
@@ -146,13 +264,32 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
 @click.pass_context
 def verify(ctx, artifact, as_json, all_layers):
     """Re-run ARTIFACT on its backend and compare with the fake-quant model, per layer and end to end."""
-    from .report import verify_summary
+    from .verification import summary_text
     from .verification import verify_artifact
 
     result = verify_artifact(artifact)
-    _emit(ctx, result, verify_summary(result, all_layers))
-    if not result["summary"]["exact"]:
+    text = summary_text(result, all_layers)          # a backend may format its own report (htp)
+    if "emitted_c" in result:                   # cpu artifacts compiled with --emit-c
+        from fbqc.backends.cpu.c_emit.check import describe
+
+        text += "\n" + describe(result["emitted_c"])
+    _emit(ctx, result, text)
+    if not result["summary"]["exact"] or result.get("emitted_c", {}).get("exact") is False:
         ctx.exit(1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also keep the raw profile CSV (QNN EP profiling_level=detailed) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@click.pass_context
+def profile(ctx, artifact, csv_path, as_json):
+    """Simulated cost of ARTIFACT: HTP cycles per op type and in total, on its example inputs (htp)."""
+    from .verification import profile_artifact
+
+    result, text = profile_artifact(artifact, csv_path)
+    _emit(ctx, result, text)
 
 
 @main.command()

@@ -41,6 +41,9 @@ class CompileOptions:
     checkpoint: str | None = None
     verify_each: bool = False
     print_after_change: bool = False
+    emit_c: bool = False                            # cpu backend: also write standalone C (c/, weights.bin)
+    c_flags: str | None = None                      # C compiler flags for the README / fbqc verify
+    soc: str | None = None                          # htp backend: target SoC (--soc; None: SM8750)
 
     def flags(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,7 +73,7 @@ class _Progress(Instrument):
                  f"{record.seconds:8.2f} s  peak RSS {record.peak_rss_mb / 1024:6.2f} GiB")
 
 
-def build_passes(opts: CompileOptions, data, progress: bool):
+def build_passes(opts: CompileOptions, data, progress: bool, after_insert=()):
     from fbqc.passes import DEFAULT_INCLUDE, AnnotateLinears, Calibrate, Fold, InsertFakeQuant, \
         LowerToInteger
 
@@ -78,7 +81,8 @@ def build_passes(opts: CompileOptions, data, progress: bool):
                                include=opts.include if opts.include is not None else DEFAULT_INCLUDE,
                                exclude=opts.exclude, layer_bits=opts.layer_bits,
                                layer_act_bits={p: 16 for p in opts.a16})
-    return ([annotate, InsertFakeQuant(), Calibrate(data, opts.calib_samples, progress=progress)],
+    return ([annotate, InsertFakeQuant(), *after_insert,      # after_insert: e.g. LoadTrainedState (QAT run)
+             Calibrate(data, opts.calib_samples, progress=progress)],
             [Fold(), LowerToInteger()])
 
 
@@ -160,8 +164,13 @@ def _available_bytes() -> int | None:
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions, *, force: bool = False,
-                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compile ``model_path`` to an artifact directory ``out``; returns the summary (``--json``)."""
+                  progress: bool = True, log: Callable[[str], None] = print, after_insert=(),
+                  run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``model_path`` to an artifact directory ``out``; returns the summary (``--json``).
+
+    ``after_insert``: passes run between InsertFakeQuant and Calibrate (``fbqc compile RUN_DIR`` loads
+    the trained student there); ``run``: the training run it came from, recorded in the manifest.
+    """
     from fbqc.artifact import check_writable
     from fbqc.backends import load_backend
 
@@ -169,11 +178,14 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     if progress:
         log = tqdm.write  # keeps log lines and progress bars apart
     backend = load_backend(opts.target)      # unknown target: fail before any work
+    check = getattr(backend, "check_options", None)   # backend-specific flags (htp --soc): fail early too
+    if check is not None:
+        check(opts.flags())
     check_writable(out, force)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    bar = tqdm(total=7, desc="export", unit="stage", disable=not progress, leave=False)
+    bar = tqdm(total=7 + len(after_insert), desc="export", unit="stage", disable=not progress, leave=False)
     t = time.perf_counter()
     program, mf = export_model_file(model_path, preset=opts.preset, checkpoint=opts.checkpoint)
     if program.info.get("meta_weights"):
@@ -197,7 +209,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
         f"(~{opts.calib_samples * timings['float_forward']:.0f} s at {timings['float_forward']:.1f} s "
         f"per forward)")
 
-    first, second = build_passes(opts, data, progress)
+    first, second = build_passes(opts, data, progress, after_insert)
     ins = [_Progress(bar, log)]
     pm = dict(verify_each=opts.verify_each, print_after_change=opts.print_after_change, instruments=ins)
     fq = PassManager(first, **pm)(program)
@@ -238,6 +250,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
             "skipped_layers": program.info.get("skipped_layers", {}),
             "size": size_summary(program, layers),
             "agreement": agreement,
+            **({"run": run} if run is not None else {}),
             "layers": layers,
         }
         write_manifest(tmp, manifest)

@@ -21,6 +21,9 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
     io = load_io(directory)
     backend = load_backend(manifest["backend"]["name"])
     loaded = backend.load(directory)
+    own = getattr(loaded, "verify", None)     # a backend that checks itself against a reference (htp)
+    if own is not None:
+        return own(io)
     outputs = loaded.run(io["inputs"])
     lsb = output_lsb(loaded.program) if hasattr(loaded, "program") else None
     layers_meta = {r["layer"]: r for r in manifest["layers"]}
@@ -34,7 +37,36 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{directory}: layer {layer} was not reached by the example inputs")
         c = codes[layer]
         rows.append(check_layer(layer, layers_meta[layer]["kind"], loaded.constants(node), c["xq"], c["yq"]))
-    return {"artifact": str(directory), "backend": manifest["backend"]["name"],
-            "per_layer": [r.as_dict() for r in rows], "summary": summarize(rows),
-            "end_to_end_vs_fake_quant": [r.as_dict() for r in e2e],
-            "end_to_end_vs_float": [r.as_dict() for r in e2e_float]}
+    result = {"artifact": str(directory), "backend": manifest["backend"]["name"],
+              "per_layer": [r.as_dict() for r in rows], "summary": summarize(rows),
+              "end_to_end_vs_fake_quant": [r.as_dict() for r in e2e],
+              "end_to_end_vs_float": [r.as_dict() for r in e2e_float]}
+    emitted = getattr(loaded, "emitted_code_check", None)   # cpu --emit-c: build, run and compare the C
+    if emitted is not None and (c := emitted(io)) is not None:
+        result["emitted_c"] = c
+    return result
+
+
+def summary_text(result: dict[str, Any], all_layers: bool = False) -> str:
+    """Text report of :func:`verify_artifact`'s result; a backend with its own check formats it."""
+    from fbqc.backends import load_backend
+
+    from .report import verify_summary
+
+    fmt = getattr(load_backend(result["backend"]), "verify_summary", None)
+    return fmt(result, all_layers) if fmt is not None else verify_summary(result, all_layers)
+
+
+def profile_artifact(directory: str | Path, csv_path: Path | None = None) -> tuple[dict[str, Any], str]:
+    """``fbqc profile``: the backend's simulated cost of the artifact on its example inputs."""
+    from fbqc.backends import load_backend
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    backend = load_backend(manifest["backend"]["name"])
+    loaded = backend.load(directory)
+    if not hasattr(loaded, "profile"):
+        raise ArtifactError(f"{directory}: the {backend.name} backend has no simulator profile "
+                            f"(compile with --target htp)")
+    result = loaded.profile(load_io(directory), csv_path)
+    return result, backend.profile_summary(result)

@@ -62,7 +62,13 @@ class CpuBackend:
         for n in ep.graph.nodes:   # provenance holds id()s of graphs: drop it so equal inputs → equal bytes
             n.meta.pop("from_node", None)
         torch.export.save(ep, out_dir / PROGRAM_FILE)
-        return Artifact(self.name, out_dir, [PROGRAM_FILE], {"program": PROGRAM_FILE})
+        files, manifest = [PROGRAM_FILE], {"program": PROGRAM_FILE}
+        if options.get("emit_c"):                   # standalone C99 reference (c_emit/), --emit-c
+            from .c_emit import DEFAULT_CFLAGS, emit_c
+
+            manifest["c"] = emit_c(program, out_dir, cflags=options.get("c_flags") or DEFAULT_CFLAGS)
+            files += manifest["c"]["files"]
+        return Artifact(self.name, out_dir, files, manifest)
 
     def load(self, directory: Path) -> "CpuArtifact":
         return CpuArtifact(Path(directory))
@@ -75,6 +81,7 @@ class CpuArtifact:
         path = directory / PROGRAM_FILE
         if not path.is_file():
             raise ArtifactError(f"{directory}: no {PROGRAM_FILE}; not a cpu artifact")
+        self.directory = directory
         self.exported = torch.export.load(path)
         gm = self.exported.module()
         fbqc.frontend._drop_guards(gm)
@@ -108,6 +115,18 @@ class CpuArtifact:
         with torch.no_grad():
             shadow(**inputs)
         return seen
+
+    def emitted_code_check(self, io: dict[str, Any]) -> dict[str, Any] | None:
+        """Build and run the emitted C program (if the artifact has one) and compare it with this
+        reference per layer (teacher-forced) and end to end; None without --emit-c."""
+        from fbqc.artifact import read_manifest
+
+        section = read_manifest(self.directory).get("backend", {}).get("c")
+        if not section:
+            return None
+        from .c_emit.check import check_emitted_c
+
+        return check_emitted_c(self.directory, self, io, section)
 
     def constants(self, node: torch.fx.Node) -> list[Any]:
         """Arguments of an integer layer node with get_attr constants resolved to tensors."""

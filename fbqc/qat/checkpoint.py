@@ -1,0 +1,130 @@
+"""Run directories: checkpoints (bit-exact resume), the run description and the student's final state.
+
+A run directory holds::
+
+    run.json        what was trained: schedule, steps, training flags, source (model file, compile flags)
+    checkpoint.pt   the latest checkpoint: student state, optimizer, schedule position, RNG states,
+                    data position (written every N steps and at each bit-width change; atomic)
+    log.jsonl       one line per step: step, bits, loss, lr, grad norm, seconds
+    loss.png        loss vs step with the bit-width changes marked
+    student.pt      the trained student's state (what `fbqc compile RUN_DIR` loads)
+    summary.json    the end-of-training summary
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fbqc.errors import UserError
+
+RUN, CKPT, LOG, PLOT, STUDENT, SUMMARY = ("run.json", "checkpoint.pt", "log.jsonl", "loss.png",
+                                           "student.pt", "summary.json")
+FORMAT = 1
+
+
+class RunError(UserError):
+    pass
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(out: Path, *, done: int, student: torch.nn.Module, optimizer, schedule: dict,
+                    data_position: int, device: torch.device) -> None:
+    _atomic_save({"format": FORMAT, "step": done, "student": cpu_state(student),
+                  "optimizer": optimizer.state_dict(), "schedule": schedule,
+                  "data_position": data_position, "rng": rng_state(device)}, out / CKPT)
+
+
+def load_checkpoint(run: Path) -> dict[str, Any]:
+    path = Path(run) / CKPT
+    if not path.is_file():
+        raise RunError(f"{run}: no {CKPT} to resume from (was the run started with -o {run}?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != FORMAT:
+        raise RunError(f"{path}: checkpoint format {ckpt.get('format')!r}, this fbqc reads {FORMAT}")
+    return ckpt
+
+
+def write_run(out: Path, run: dict[str, Any]) -> None:
+    (out / RUN).write_text(json.dumps({"format": FORMAT, **run}, indent=2, default=str) + "\n")
+
+
+def read_run(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / RUN
+    if not Path(run).is_dir():
+        raise RunError(f"run directory {run} does not exist")
+    if not path.is_file():
+        raise RunError(f"{run} is not an fbqc training run (no {RUN})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from e
+    if data.get("format") != FORMAT:
+        raise RunError(f"{path}: run format {data.get('format')!r}, this fbqc reads {FORMAT}")
+    return data
+
+
+def read_log(run: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    path = Path(run) / LOG
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def truncate_log(run: Path, upto: int) -> list[dict[str, Any]]:
+    """Keep the log lines of steps ≤ ``upto`` (the resumed checkpoint); later steps are redone."""
+    rows = read_log(run, upto)
+    (Path(run) / LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def save_student(out: Path, student: torch.nn.Module) -> None:
+    _atomic_save(cpu_state(student), out / STUDENT)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and bytes of a state dict (recorded in a compiled run's manifest)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_student(run: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(run) / STUDENT
+    if not path.is_file():
+        raise RunError(f"{run}: no {STUDENT}; the run has not finished (continue it with "
+                       f"`fbqc train --resume {run}`)")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,58 @@
+"""``fbqc::fake_quant_act_dynamic``: per-sample dynamic activation fake quant (the paper's GPU setting).
+
+Unsigned asymmetric, one (scale, zero point) per sample along dim 0, computed from that sample's own
+range (which always holds 0), with the same level set and rounding as :func:`fbqc.fake_quant.act_codes`::
+
+    lo, hi = min(min x_i, 0), max(max x_i, 0)       per sample i
+    qmax   = floor(2**b) - 1;  S = (hi - lo) / qmax (S = 1 where hi == lo)
+    z      = clamp(round(-lo / S), 0, qmax);  Q = clamp(round(x / S) + z, 0, qmax)  → x' = (Q - z) * S
+
+Used only while training (the student's training view); before export the static scales are
+calibrated by the ``Calibrate`` pass. The gradient is straight-through (no element is clipped: the
+range is the sample's own).
+"""
+from __future__ import annotations
+
+import torch
+
+from fbqc.fake_quant import _bound
+
+__all__ = ["fake_quant_act_dynamic", "dynamic_act_qparams"]
+
+
+def dynamic_act_qparams(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (scale, zero point), shaped (B, 1, …, 1) to broadcast against ``x``."""
+    x = x.detach().to(torch.float32)
+    dims = list(range(1, x.dim()))
+    lo = x.amin(dim=dims, keepdim=True).clamp(max=0.0) if dims else x.clamp(max=0.0)
+    hi = x.amax(dim=dims, keepdim=True).clamp(min=0.0) if dims else x.clamp(min=0.0)
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    return scale, zp
+
+
+@torch.library.custom_op("fbqc::fake_quant_act_dynamic", mutates_args=())
+def fake_quant_act_dynamic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize ``x`` to unsigned ``bits`` with per-sample dynamic scale and zero point."""
+    scale, zp = dynamic_act_qparams(x, bits)
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    q = torch.clamp(torch.round(x.to(torch.float32) / scale) + zp, 0.0, qmax)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+@fake_quant_act_dynamic.register_fake
+def _(x, bits):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad):
+    return grad, None
+
+
+fake_quant_act_dynamic.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,116 @@
+"""Model-file level QAT: ``fbqc train MODEL_FILE -o RUN`` and ``fbqc compile RUN``.
+
+``train_model_file`` exports the model file (the teacher), annotates + inserts fake quant with the
+compile flags (the student), and trains; the run directory records the model file, its options and
+the flags. ``compile_run`` re-exports from the run's model file, annotates with the run's flags (its
+bits = the schedule's final bits), loads the trained student (:class:`LoadTrainedState`), calibrates,
+folds, lowers and hands the program to the backend; the manifest records the run.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from fbqc.errors import UserError
+from fbqc.frontend import export_model_file
+from fbqc.pass_infra import PassManager
+from fbqc.pipeline import CompileOptions, build_passes, compile_model
+
+from . import checkpoint as ck
+from .load import LoadTrainedState
+from .schedule import Schedule
+from .train import TrainResult, train
+
+#: CompileOptions fields a run fixes (the student's annotation); the rest may differ at compile time
+RUN_FLAGS = ("bits", "scheme", "include", "exclude", "layer_bits", "a16", "preset", "checkpoint")
+
+
+def prepare(model_file: str | Path, opts: CompileOptions):
+    """(teacher: EXPORTED program, student: FAKE_QUANT program, model file, scheduled layers)."""
+    from fbqc.passes import InsertFakeQuant
+
+    teacher, mf = export_model_file(model_file, preset=opts.preset, checkpoint=opts.checkpoint)
+    if teacher.info.get("meta_weights"):
+        raise UserError(f"{model_file}: the model's weights are on the meta device; it cannot be trained here")
+    annotate = build_passes(opts, data=(), progress=False)[0][0]
+    student = PassManager([annotate, InsertFakeQuant()])(teacher)
+    fixed = {layer: spec.weight.bits for layer, spec in student.specs().items()
+             if any(p.search(layer) for p, _ in annotate._wb)}
+    scheduled = [layer for layer in student.specs() if layer not in fixed]
+    return teacher, student, mf, scheduled, fixed
+
+
+def train_model_file(model_file: str | Path | None, out: str | Path, opts: CompileOptions | None = None, *,
+                     schedule: str | None = None, steps: int | None = None, bits: float | None = None,
+                     resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+                     stop_after: int | None = None, **train_kw: Any) -> TrainResult:
+    """Train MODEL_FILE's student into run directory ``out`` (or continue the run in ``out``).
+
+    ``bits``: the target (replaces the final 4 of a named schedule); ``opts``: the annotation flags
+    (their ``bits`` is ignored: the student is annotated at the schedule's final bits).
+    """
+    out = Path(out)
+    if resume:
+        run = ck.read_run(out)
+        src = run["source"]
+        if model_file is not None and Path(model_file).resolve() != Path(src["model_file_resolved"]):
+            raise ck.RunError(f"{out} was trained from {src['model_file']}, not {model_file}")
+        model_file, opts = src["model_file_resolved"], options_from(src["flags"])
+        saved = dict(run["train"])
+        schedule = schedule if schedule is not None else saved["schedule"]
+        steps = steps if steps is not None else saved["steps"]
+        bits = saved.pop("bits")
+        train_kw = {k: v for k, v in saved.items() if k not in ("schedule", "steps")}
+    elif model_file is None:
+        raise UserError("fbqc train needs a MODEL_FILE (or --resume RUN_DIR)")
+    opts = opts or CompileOptions()
+    schedule = schedule or "fractional"
+    steps = steps or 1000
+    opts = replace(opts, bits=Schedule.parse(schedule, steps, bits).final_bits)
+    teacher, student, mf, scheduled, fixed = prepare(model_file, opts)
+    if mf.has("training_data"):
+        data, note = (lambda: mf.call("training_data")), "training_data() of the model file"
+    else:
+        data, note = None, None
+    source = {"model_file": str(model_file), "model_file_resolved": str(Path(model_file).resolve()),
+              "module": teacher.info["module"], "opts": teacher.info.get("opts", {}),
+              "flags": {k: v for k, v in opts.flags().items() if k in RUN_FLAGS},
+              "scheduled_layers": scheduled, "fixed_layers": fixed}
+    return train(student, teacher, data, schedule=schedule, steps=steps, bits=bits, out=out, resume=resume,
+                 scheduled_layers=scheduled, data_note=note, source=source, stop_after=stop_after,
+                 progress=progress, log=log, **train_kw)
+
+
+def options_from(flags: dict[str, Any], **over: Any) -> CompileOptions:
+    d = dict(flags)
+    d["include"] = tuple(d["include"]) if d.get("include") is not None else None
+    d["exclude"] = tuple(d.get("exclude") or ())
+    d["a16"] = tuple(d.get("a16") or ())
+    d["layer_bits"] = dict(d.get("layer_bits") or {})
+    return CompileOptions(**d, **over)
+
+
+def compile_run(run_dir: str | Path, out: str | Path | None, *, force: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print, **compile_kw: Any) -> dict[str, Any]:
+    """Compile a finished training run; ``compile_kw``: CompileOptions fields a run does not fix."""
+    run_dir = Path(run_dir)
+    run = ck.read_run(run_dir)
+    fixed = [k for k in compile_kw if k in RUN_FLAGS]
+    if fixed:
+        raise UserError(f"{run_dir} is a training run: {', '.join('--' + k.replace('_', '-') for k in fixed)} "
+                        f"come(s) from the run and cannot be given")
+    state = ck.load_student(run_dir)
+    src = run["source"]
+    model_file = Path(src["model_file_resolved"])
+    if not model_file.is_file():
+        model_file = Path(src["model_file"])
+    if not model_file.is_file():
+        raise ck.RunError(f"{run_dir}: its model file {src['model_file']} is gone")
+    opts = options_from(src["flags"], **compile_kw)
+    out = Path(out) if out is not None else Path("out") / run_dir.name
+    record = {"dir": str(run_dir), "schedule": run["schedule"]["spec"], "schedule_name": run["schedule"]["name"],
+              "steps": run["schedule"]["steps"], "train": run["train"], "data": run.get("data"),
+              "student_sha256": ck.state_digest(state)}
+    return compile_model(model_file, out, opts, force=force, progress=progress, log=log,
+                         after_insert=[LoadTrainedState(state, f"{run_dir}/{ck.STUDENT}")], run=record)

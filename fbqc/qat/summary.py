@@ -1,0 +1,48 @@
+"""The end-of-training summary: per phase, the loss at its start and end; what was written."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows: Sequence[dict], sched, cfg, layers: Sequence[str], seconds: float, finished: bool,
+              data_note: str) -> dict[str, Any]:
+    phases = []
+    for start, end, bits in sched.boundaries():
+        losses = [r["loss"] for r in rows if start < r["step"] <= end]
+        k = max(1, len(losses) // 10)
+        phases.append({"bits": bits, "steps": end - start, "first_step": start + 1, "last_step": end,
+                       "trained": len(losses), "loss_start": _mean(losses[:k]),
+                       "loss_end": _mean(losses[-k:])})
+    last = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
+    return {"schedule": sched.name, "spec": sched.spec, "steps": sched.steps,
+            "completed": rows[-1]["step"] if rows else 0, "finished": finished,
+            "final_bits": sched.final_bits, "scheduled_layers": len(layers),
+            "final_loss": _mean(last), "seconds_this_session": round(seconds, 2),
+            "data": data_note, "phases": phases, "config": asdict(cfg)}
+
+
+def summary_text(summary: dict[str, Any], out: Path | None) -> str:
+    def fmt(v):
+        return "—" if v is None else f"{v:.4e}"
+
+    lines = [f"QAT {summary['schedule']} ({summary['spec']}): {summary['completed']}/{summary['steps']} "
+             f"steps in {summary['seconds_this_session']:.1f} s this session"
+             + ("" if summary["finished"] else " — not finished (resume to continue)"),
+             f"  {'bits':>6} {'steps':>7} {'loss at start':>14} {'loss at end':>12}"]
+    for p in summary["phases"]:
+        lines.append(f"  {p['bits']:>6g} {p['steps']:>7} {fmt(p['loss_start']):>14} {fmt(p['loss_end']):>12}")
+    lines.append(f"  final loss (mean of the last 10% of steps): {fmt(summary['final_loss'])}; "
+                 f"{summary['scheduled_layers']} layers end at {summary['final_bits']:g} bits")
+    if out is not None:
+        what = "student.pt, " if summary["finished"] else ""
+        lines.append(f"  wrote {out}/: {what}checkpoint.pt, log.jsonl, loss.png"
+                     + (", summary.json" if summary["finished"] else ""))
+        if summary["finished"]:
+            lines.append(f"  next: fbqc compile {out} --target cpu")
+    return "\n".join(lines)

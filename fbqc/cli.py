@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +21,10 @@ def _fail(ctx: click.Context, e: BaseException) -> None:
 
 
 class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        ctx.meta["fbqc.argv"] = list(args)          # what `fbqc train --nproc N` re-launches
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -210,24 +215,49 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
 @click.option("--layer-bits", multiple=True, callback=_pairs,
               help="PATTERN=BITS: layers that keep these bits instead of following the schedule.")
 @click.option("--a16", multiple=True, help="Regex of layers kept at 16-bit activations.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes (one per GPU with --device cuda), launched through torchrun; > 1 trains "
+              "the module student data-parallel (global batch = the model file's batch).")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
+              help="ddp: replicate; fsdp: FSDP2 fully_shard per transformer block (teacher too). auto: "
+              "ddp when --nproc > 1, else the one-process program student.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples of the model file's data per step (the global batch; module student), split "
+              "over the --nproc processes.")
+@click.option("--checkpoint-blocks", is_flag=True, help="Activation checkpointing per transformer block "
+              "(module student: --strategy ddp|fsdp).")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
           act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
-          include, exclude, layer_bits, a16, stop_after, quiet, as_json):
-    """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable)."""
+          include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, stop_after, quiet,
+          as_json):
+    """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable).
+
+    With --nproc N (N > 1) fbqc re-launches itself in N processes through torchrun.
+    """
     import shutil
 
     from .pipeline import CompileOptions
+    from .qat import dist
     from .qat.run import train_model_file
     from .qat.summary import summary_text
 
-    quiet = quiet or as_json
+    if nproc > 1 and not dist.under_torchrun():
+        argv = ctx.find_root().meta.get("fbqc.argv")
+        if output is not None and resume is None and output.exists() and any(output.iterdir()) and force:
+            shutil.rmtree(output)
+            argv = [a for a in argv if a != "--force"]
+        ctx.exit(dist.launch(nproc, dist.strip_option(argv, "--nproc")))
+    if dist.under_torchrun():
+        nproc = int(os.environ["WORLD_SIZE"])
+    quiet = quiet or as_json or (dist.under_torchrun() and os.environ.get("RANK", "0") != "0")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     if resume is not None:
-        keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output"}
+        keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output",
+                "nproc", "strategy", "checkpoint_blocks"}
         changed = [k for k in ctx.params if k not in keep
                    and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
         if changed:
@@ -251,10 +281,14 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
                               checkpoint=str(checkpoint) if checkpoint else None)
         kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
                   act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
-                  device=device, seed=seed, compile=use_compile)
+                  device=device, seed=seed, compile=use_compile, batch=batch)
+    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks}
+    kw.update({k: v for k, v in execution.items() if resume is None
+               or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
     result = train_model_file(model_file, out, schedule=schedule, steps=steps, resume=resume is not None,
                               progress=not quiet, log=log, stop_after=stop_after, report=False, **kw)
-    _emit(ctx, result.summary, summary_text(result.summary, out))
+    if os.environ.get("RANK", "0") == "0":
+        _emit(ctx, result.summary, summary_text(result.summary, out))
 
 
 @main.command()

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["weight_codes", "act_codes", "fake_quant_weight", "fake_quant_act"]
+__all__ = ["weight_codes", "act_codes", "weight_value", "act_value", "act_inside", "fake_quant_weight",
+           "fake_quant_act"]
 
 
 def _reduce_dims(w: torch.Tensor, axis: int | None) -> list[int]:
@@ -40,6 +41,12 @@ def _reduce_dims(w: torch.Tensor, axis: int | None) -> list[int]:
 def _bound(bits: torch.Tensor, offset: float, minus: float = 0.0) -> torch.Tensor:
     """``2**(bits + offset) - minus`` computed in float64 and rounded once to float32."""
     return (torch.exp2(bits.detach().to(torch.float64) + offset) - minus).to(torch.float32)
+
+
+def _clamp0(t: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``clamp(t, 0, hi)`` with a tensor ``hi`` (a float ``min`` beside a tensor ``max`` makes dynamo
+    read ``hi`` as a Python number: a graph break and a recompile per bit-width)."""
+    return torch.clamp(t, torch.zeros_like(hi), hi)
 
 
 def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
@@ -61,8 +68,8 @@ def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, sche
         wmax = w.amax(dim=dims, keepdim=True).clamp(min=0.0)   # channel does not collapse to one level
         scale = (wmax - wmin) / _bound(bits, 0.0)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zp = torch.clamp(torch.round(-wmin / scale), 0.0, levels - 1.0)
-        q = torch.clamp(torch.round(w / scale) + zp, 0.0, levels - 1.0)
+        zp = _clamp0(torch.round(-wmin / scale), levels - 1.0)
+        q = _clamp0(torch.round(w / scale) + zp, levels - 1.0)
         return q, scale, zp
     raise ValueError(f"unknown weight scheme {scheme!r} (expected 'narrow' or 'wide')")
 
@@ -71,7 +78,28 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bi
               ) -> torch.Tensor:
     """Unsigned activation codes (as float32) of ``x``."""
     qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    return torch.clamp(torch.round(x.to(torch.float32) / scale) + zero_point, 0.0, qmax)
+    return _clamp0(torch.round(x.to(torch.float32) / scale) + zero_point, qmax)
+
+
+def weight_value(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
+                 ) -> torch.Tensor:
+    """The fake-quantized weight ``(Q - z) * S`` in ``w``'s dtype (the ops' forward, and the fused path's)."""
+    q, scale, zp = weight_codes(w, bits, axis, scheme)
+    return ((q - zp) * scale).to(w.dtype)
+
+
+def act_value(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor
+              ) -> torch.Tensor:
+    """The fake-quantized activation ``(Q - z) * S`` in ``x``'s dtype."""
+    return ((act_codes(x, scale, zero_point, bits) - zero_point) * scale).to(x.dtype)
+
+
+def act_inside(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor
+               ) -> torch.Tensor:
+    """Where ``x`` fell inside the grid (the clipped straight-through gradient's mask)."""
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    pre = torch.round(x.detach().to(torch.float32) / scale) + zero_point
+    return (pre >= 0) & (pre <= qmax)
 
 
 # --- fbqc::fake_quant_weight ---------------------------------------------------------------------
@@ -80,8 +108,7 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bi
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0,
                       scheme: str = "narrow") -> torch.Tensor:
     """Fake-quantize a weight to ``bits`` (fractional allowed) per channel along ``axis``."""
-    q, scale, zp = weight_codes(w, bits, axis, scheme)
-    return ((q - zp) * scale).to(w.dtype)
+    return weight_value(w, bits, axis, scheme)
 
 
 @fake_quant_weight.register_fake
@@ -106,8 +133,7 @@ fake_quant_weight.register_autograd(_fqw_backward, setup_context=_fqw_setup)
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    bits: torch.Tensor) -> torch.Tensor:
     """Fake-quantize an activation to unsigned ``bits`` with a per-tensor scale and zero point."""
-    q = act_codes(x, scale, zero_point, bits)
-    return ((q - zero_point) * scale).to(x.dtype)
+    return act_value(x, scale, zero_point, bits)
 
 
 @fake_quant_act.register_fake
@@ -116,10 +142,7 @@ def _(x, scale, zero_point, bits):
 
 
 def _fqa_setup(ctx, inputs, output):
-    x, scale, zero_point, bits = inputs
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    pre = torch.round(x.detach().to(torch.float32) / scale) + zero_point
-    ctx.save_for_backward((pre >= 0) & (pre <= qmax))
+    ctx.save_for_backward(act_inside(*inputs))
 
 
 def _fqa_backward(ctx, grad):

@@ -33,6 +33,7 @@ class Lowered:
     prepared: Prepared
     fixes: dict[str, int] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)     # ONNX node name → fx node / layer name
+    seconds: float = 0.0                                      # time the lowering took
 
     @property
     def layers(self) -> list[LayerInfo]:

@@ -58,10 +58,11 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(out: Path, *, done: int, student: torch.nn.Module, optimizer, schedule: dict,
+def save_checkpoint(out: Path, *, done: int, student: dict, optimizer: dict, kind: str, schedule: dict,
                     data_position: int, device: torch.device) -> None:
-    _atomic_save({"format": FORMAT, "step": done, "student": cpu_state(student),
-                  "optimizer": optimizer.state_dict(), "schedule": schedule,
+    """``student`` / ``optimizer``: their state dicts (the module student's are full, FQN-keyed)."""
+    _atomic_save({"format": FORMAT, "step": done, "student": student, "student_kind": kind,
+                  "optimizer": optimizer, "schedule": schedule,
                   "data_position": data_position, "rng": rng_state(device)}, out / CKPT)
 
 
@@ -109,8 +110,8 @@ def truncate_log(run: Path, upto: int) -> list[dict[str, Any]]:
     return rows
 
 
-def save_student(out: Path, student: torch.nn.Module) -> None:
-    _atomic_save(cpu_state(student), out / STUDENT)
+def save_student(out: Path, state: dict[str, torch.Tensor]) -> None:
+    _atomic_save(state, out / STUDENT)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from fbqc.fake_quant import _bound
+from fbqc.fake_quant import _bound, _clamp0
 
-__all__ = ["fake_quant_act_dynamic", "dynamic_act_qparams"]
+__all__ = ["fake_quant_act_dynamic", "dynamic_act_qparams", "dynamic_act_value"]
 
 
 def dynamic_act_qparams(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,17 +29,22 @@ def dynamic_act_qparams(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tens
     qmax = torch.floor(_bound(bits, 0.0)) - 1.0
     scale = (hi - lo) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    zp = _clamp0(torch.round(-lo / scale), qmax)
     return scale, zp
+
+
+def dynamic_act_value(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``x`` fake-quantized with its per-sample dynamic (scale, zero point), in ``x``'s dtype."""
+    scale, zp = dynamic_act_qparams(x, bits)
+    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
+    q = _clamp0(torch.round(x.to(torch.float32) / scale) + zp, qmax)
+    return ((q - zp) * scale).to(x.dtype)
 
 
 @torch.library.custom_op("fbqc::fake_quant_act_dynamic", mutates_args=())
 def fake_quant_act_dynamic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Fake-quantize ``x`` to unsigned ``bits`` with per-sample dynamic scale and zero point."""
-    scale, zp = dynamic_act_qparams(x, bits)
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    q = torch.clamp(torch.round(x.to(torch.float32) / scale) + zp, 0.0, qmax)
-    return ((q - zp) * scale).to(x.dtype)
+    return dynamic_act_value(x, bits)
 
 
 @fake_quant_act_dynamic.register_fake

@@ -12,15 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from fbqc.errors import UserError
-from fbqc.frontend import export_model_file
+from fbqc.frontend import export_model_file, load_model_file
 from fbqc.pass_infra import PassManager
 from fbqc.pipeline import CompileOptions, build_passes, compile_model
 
 from . import checkpoint as ck
 from .load import LoadTrainedState
 from .schedule import Schedule
-from .train import TrainResult, train
+from .train import EXECUTION, TrainConfig, TrainResult, train, train_modules
 
 #: CompileOptions fields a run fixes (the student's annotation); the rest may differ at compile time
 RUN_FLAGS = ("bits", "scheme", "include", "exclude", "layer_bits", "a16", "preset", "checkpoint")
@@ -41,6 +43,28 @@ def prepare(model_file: str | Path, opts: CompileOptions):
     return teacher, student, mf, scheduled, fixed
 
 
+def prepare_modules(model_file: str | Path, opts: CompileOptions):
+    """(eager float model, {layer: QuantSpec}, model file, example inputs, scheduled layers, fixed layers)
+    for the module student: the same annotation rule, applied to the model's modules (no export)."""
+    from .modules import annotate_modules
+
+    mf = load_model_file(model_file, preset=opts.preset, checkpoint=opts.checkpoint)
+    model = mf.call("model")
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{mf.path}: model() returned {type(model).__name__}, not a torch.nn.Module")
+    if any(p.is_meta for p in model.parameters()):
+        raise UserError(f"{model_file}: the model's weights are on the meta device; it cannot be trained here")
+    annotate = build_passes(opts, data=(), progress=False)[0][0]
+    try:
+        specs = annotate_modules(model, annotate)
+    except ValueError as e:
+        raise UserError(f"{model_file}: {e}") from e
+    fixed = {layer: spec.weight.bits for layer, spec in specs.items()
+             if any(p.search(layer) for p, _ in annotate._wb)}
+    scheduled = [layer for layer in specs if layer not in fixed]
+    return model, specs, mf, mf.call("example_inputs"), scheduled, fixed
+
+
 def train_model_file(model_file: str | Path | None, out: str | Path, opts: CompileOptions | None = None, *,
                      schedule: str | None = None, steps: int | None = None, bits: float | None = None,
                      resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
@@ -48,7 +72,9 @@ def train_model_file(model_file: str | Path | None, out: str | Path, opts: Compi
     """Train MODEL_FILE's student into run directory ``out`` (or continue the run in ``out``).
 
     ``bits``: the target (replaces the final 4 of a named schedule); ``opts``: the annotation flags
-    (their ``bits`` is ignored: the student is annotated at the schedule's final bits).
+    (their ``bits`` is ignored: the student is annotated at the schedule's final bits). With
+    ``nproc`` > 1 or a ``strategy`` (ddp, fsdp) the module student trains (:func:`train_modules`);
+    on resume those (and the other :data:`EXECUTION` settings) may differ from the run's.
     """
     out = Path(out)
     if resume:
@@ -61,25 +87,40 @@ def train_model_file(model_file: str | Path | None, out: str | Path, opts: Compi
         schedule = schedule if schedule is not None else saved["schedule"]
         steps = steps if steps is not None else saved["steps"]
         bits = saved.pop("bits")
-        train_kw = {k: v for k, v in saved.items() if k not in ("schedule", "steps")}
+        train_kw = {**{k: v for k, v in saved.items() if k not in ("schedule", "steps")},
+                    **{k: v for k, v in train_kw.items() if k in EXECUTION}}
     elif model_file is None:
         raise UserError("fbqc train needs a MODEL_FILE (or --resume RUN_DIR)")
     opts = opts or CompileOptions()
     schedule = schedule or "fractional"
     steps = steps or 1000
     opts = replace(opts, bits=Schedule.parse(schedule, steps, bits).final_bits)
+    if TrainConfig(**{k: v for k, v in train_kw.items() if k in TrainConfig.__dataclass_fields__}).module_student:
+        model, specs, mf, example, scheduled, fixed = prepare_modules(model_file, opts)
+        data, note = ((lambda: mf.call("training_data")), "training_data() of the model file") \
+            if mf.has("training_data") else (None, None)
+        source = _source(model_file, model, mf, opts, scheduled, fixed)
+        return train_modules(model, specs, example, data, schedule=schedule, steps=steps, bits=bits, out=out,
+                             resume=resume, scheduled_layers=scheduled, data_note=note, source=source,
+                             stop_after=stop_after, progress=progress, log=log, **train_kw)
     teacher, student, mf, scheduled, fixed = prepare(model_file, opts)
     if mf.has("training_data"):
         data, note = (lambda: mf.call("training_data")), "training_data() of the model file"
     else:
         data, note = None, None
-    source = {"model_file": str(model_file), "model_file_resolved": str(Path(model_file).resolve()),
-              "module": teacher.info["module"], "opts": teacher.info.get("opts", {}),
-              "flags": {k: v for k, v in opts.flags().items() if k in RUN_FLAGS},
-              "scheduled_layers": scheduled, "fixed_layers": fixed}
+    source = _source(model_file, teacher.info["module"], mf, opts, scheduled, fixed)
     return train(student, teacher, data, schedule=schedule, steps=steps, bits=bits, out=out, resume=resume,
                  scheduled_layers=scheduled, data_note=note, source=source, stop_after=stop_after,
                  progress=progress, log=log, **train_kw)
+
+
+def _source(model_file, module, mf, opts: CompileOptions, scheduled, fixed) -> dict[str, Any]:
+    if isinstance(module, torch.nn.Module):
+        module = f"{type(module).__module__}.{type(module).__name__}"
+    return {"model_file": str(model_file), "model_file_resolved": str(Path(model_file).resolve()),
+            "module": module, "opts": {k: str(v) for k, v in mf.opts.items()},
+            "flags": {k: v for k, v in opts.flags().items() if k in RUN_FLAGS},
+            "scheduled_layers": scheduled, "fixed_layers": fixed}
 
 
 def options_from(flags: dict[str, Any], **over: Any) -> CompileOptions:

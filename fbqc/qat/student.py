@@ -17,6 +17,7 @@ from fbqc.spec import LAYER, QUANT
 from fbqc.stage import Stage
 
 from . import ops  # noqa: F401  registers fbqc::fake_quant_act_dynamic
+from .fused import fq_act, fq_act_dynamic, fq_weight
 
 fbqc = torch.ops.fbqc
 ACT_MODES = ("dynamic", "static", "none")
@@ -98,11 +99,31 @@ def on_device(program: Program, device: torch.device | str) -> torch.fx.GraphMod
     return view.graph_module.to(device)
 
 
-def training_view(program: Program, act_quant: str, device: torch.device | str | None = None) -> Program:
-    """A copy of the graph (same tensors) with the activation quantizers used in training."""
+#: the registered ops and their fusible twins (same argument names, same values)
+FUSED = {fbqc.fake_quant_weight.default: fq_weight, fbqc.fake_quant_act.default: fq_act,
+         fbqc.fake_quant_act_dynamic.default: fq_act_dynamic}
+
+
+def fuse(view: Program) -> Program:
+    """In place: call the fusible fake quant (:mod:`fbqc.qat.fused`) instead of the opaque ops."""
+    for n in view.graph.nodes:
+        if n.op == "call_function" and n.target in FUSED:
+            n.target = FUSED[n.target]
+    view.recompile()
+    return view
+
+
+def training_view(program: Program, act_quant: str, device: torch.device | str | None = None,
+                  fused: bool = True) -> Program:
+    """A copy of the graph (same tensors) with the activation quantizers used in training;
+    ``fused``: through :mod:`fbqc.qat.fused` (what ``torch.compile`` fuses) instead of the ops."""
     if act_quant not in ACT_MODES:
         raise ValueError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {act_quant!r}")
-    view = retarget(program.copy(), device)
+    view = _act_view(retarget(program.copy(), device), act_quant)
+    return fuse(view) if fused else view
+
+
+def _act_view(view: Program, act_quant: str) -> Program:
     if act_quant == "static":
         for n in view.graph.nodes:
             if n.target == fbqc.fake_quant_act.default:

@@ -1,10 +1,15 @@
-"""Scheduled fractional-bit QAT with knowledge distillation: ``fbqc.qat.train``.
+"""Scheduled fractional-bit QAT with knowledge distillation: ``fbqc.qat.train`` / ``train_modules``.
 
-The student is a FAKE_QUANT program (its graph module trains; the schedule writes its weight-bits
-buffers), the teacher the frozen float model (an EXPORTED program, a GraphModule or the eager module).
-Loss = MSE(student(x), teacher(x)) on the same batch, averaged over the outputs, plus an optional
-task loss. Training runs at the example inputs' batch size: each sample of ``data`` is one batch,
-shaped like ``program.example_inputs`` (the exported graph's shapes are static).
+Two students, one loop (:func:`_run`, over a :mod:`fbqc.qat.runtime`):
+
+- :func:`train`: the FAKE_QUANT program in one process (its graph module trains; the schedule writes
+  its weight-bits buffers); each sample of ``data`` is one batch shaped like the exported example
+  inputs (the graph's shapes are static).
+- :func:`train_modules`: the module student (:mod:`fbqc.qat.modules`) over ``nproc`` processes with
+  DDP or FSDP2 (:mod:`fbqc.qat.dist`); ``batch`` samples make one global batch, split over them.
+
+The teacher is the frozen float model. Loss = MSE(student(x), teacher(x)) on the same batch,
+averaged over the outputs, plus an optional task loss.
 """
 from __future__ import annotations
 
@@ -14,23 +19,29 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fbqc.data import DATA_FREE_NOTE, _check_like, samples_around
-from fbqc.frontend import _entry
+from fbqc.data import _check_like
 from fbqc.program import Program
+from fbqc.spec import QuantSpec
 
 from . import checkpoint as ck
+from . import dist as D
+from . import stream as S
 from .plot import plot_loss
+from .runtime import ModuleRuntime, ProgramRuntime, describe
 from .schedule import Schedule
-from .student import (ACT_MODES, BLOCKS, bits_buffers, check_student, default_scheduled, own_parameters,
-                      retarget, set_bits, training_view)
+from .student import ACT_MODES, bits_buffers, check_student, default_scheduled, set_bits
 from .summary import summarize, summary_text
+
+
+#: settings a resumed run may change (where and how it runs, not what it computes)
+EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile")
 
 
 @dataclass
@@ -51,6 +62,10 @@ class TrainConfig:
     autocast: bool | None = None        # bf16 autocast; None: on for CUDA
     task_weight: float = 1.0
     calib_samples: int = 16             # act_quant="static": samples calibrated before training
+    nproc: int = 1                      # processes (torchrun); > 1 or a strategy: the module student
+    strategy: str = "auto"              # auto (nproc 1: program student; else ddp) | ddp | fsdp
+    checkpoint_blocks: bool = False     # module student: activation checkpointing per block
+    batch: int = 1                      # module student: data samples concatenated into one global batch
 
     def check(self) -> None:
         if self.act_quant not in ACT_MODES:
@@ -61,6 +76,17 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be a finite number ≥ 0, got {v}")
         if self.warmup < 0 or self.checkpoint_every < 0:
             raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
+        if self.strategy not in D.STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(D.STRATEGIES)}, got {self.strategy!r}")
+        if self.nproc < 1 or self.batch < 1:
+            raise ValueError(f"--nproc and --batch must be ≥ 1, got {self.nproc} and {self.batch}")
+        if self.batch > 1 and not self.module_student:
+            raise ValueError("--batch > 1 needs the module student (--strategy ddp|fsdp): the program "
+                             "student trains at the exported batch")
+
+    @property
+    def module_student(self) -> bool:
+        return self.strategy != "auto" or self.nproc > 1
 
 
 @dataclass
@@ -73,38 +99,9 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _teacher_fn(teacher, device) -> tuple[Callable, torch.nn.Module | None]:
-    if isinstance(teacher, Program):
-        view = retarget(teacher.copy(), device).graph_module      # shares the teacher's parameters
-        return view, view
-    if isinstance(teacher, torch.nn.Module):
-        return _entry(teacher), teacher
-    if callable(teacher):
-        return teacher, None
-    raise TypeError(f"teacher must be a Program, an nn.Module or a callable, got {type(teacher).__name__}")
-
-
 def _flat(out) -> list[torch.Tensor]:
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-def _stream(factory: Callable[[], Iterable], skip: int) -> Iterator[dict]:
-    """Cycle through ``factory()`` forever, after skipping ``skip`` items (the resumed position)."""
-    seen = 0
-    while True:
-        empty = True
-        for sample in factory():
-            empty = False
-            if seen >= skip:
-                yield sample
-            seen += 1
-        if empty:
-            raise ValueError("training data yielded no samples")
-
-
-def _to(sample: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
 
 
 def kd_loss(student_out, teacher_out) -> torch.Tensor:
@@ -132,7 +129,7 @@ def train(program: Program, teacher, data: Iterable[dict] | Callable[[], Iterabl
           task_loss: Callable[[dict, Any], torch.Tensor] | None = None, data_note: str | None = None,
           source: dict[str, Any] | None = None, stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None, report: bool = True, **config: Any) -> TrainResult:
-    """Train the FAKE_QUANT ``program`` in place against ``teacher`` through ``schedule``.
+    """Train the FAKE_QUANT ``program`` in place against ``teacher`` through ``schedule`` (one process).
 
     ``data``: an iterable of input dicts (cycled), a zero-argument callable returning one (needed for
     a bit-exact resume of a one-shot stream), or None for the data-free default around the example
@@ -144,101 +141,176 @@ def train(program: Program, teacher, data: Iterable[dict] | Callable[[], Iterabl
     check_student(program)
     cfg = TrainConfig(schedule=schedule, steps=steps, **config)
     cfg.check()
-    sched = Schedule.parse(cfg.schedule, cfg.steps, cfg.bits)
+    if cfg.strategy != "auto" or cfg.nproc != 1:
+        raise ValueError("train() trains the program student in one process; use train_modules() for "
+                         "--nproc / --strategy")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
+    sched = Schedule.parse(cfg.schedule, cfg.steps, cfg.bits)
+    layers = (list(scheduled_layers) if scheduled_layers is not None
+              else default_scheduled(program, sched.final_bits))
+
+    def runtime():
+        buffers = bits_buffers(program)
+        if cfg.act_quant == "static":
+            _calibrate_static(program, factory, cfg.calib_samples, sched.bits_at(0), layers, buffers)
+        return ProgramRuntime(program, teacher, device, act_quant=cfg.act_quant,
+                              blocks_only=cfg.blocks_only, compile=cfg.compile)
+
+    factory, note = S.source(data, data_note, program.example_inputs, cfg.seed)
+    result = _run(runtime, D.World(), cfg, sched, layers, factory, note, program.example_inputs, out=out,
+                  resume=resume, task_loss=task_loss, source=source, stop_after=stop_after,
+                  progress=progress, log=log, report=report)
+    result.program = program
+    return result
+
+
+def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_inputs: dict[str, Any],
+                  data: Iterable[dict] | Callable[[], Iterable[dict]] | None = None, *,
+                  schedule: str = "fractional", steps: int = 1000, out: str | Path | None = None,
+                  resume: bool = False, scheduled_layers: list[str] | None = None,
+                  task_loss: Callable[[dict, Any], torch.Tensor] | None = None, data_note: str | None = None,
+                  source: dict[str, Any] | None = None, stop_after: int | None = None, progress: bool = True,
+                  log: Callable[[str], None] | None = None, report: bool = True, **config: Any) -> TrainResult:
+    """Train the eager ``model`` with ``specs`` applied (the module student, :mod:`fbqc.qat.modules`)
+    data-parallel over ``nproc`` processes (``strategy`` ddp or fsdp; under torchrun for nproc > 1).
+
+    The teacher is a frozen float copy of ``model`` made before the specs are applied. Each batch of
+    ``data`` (shaped like ``example_inputs``) is the global batch: each process takes its slice.
+    The result's ``program`` is None; ``extra["state"]`` (rank 0) is the trained full state dict.
+    """
+    if config.get("strategy", "auto") == "auto":
+        config["strategy"] = "ddp"                  # recorded: a resume on one process stays a module run
+    cfg = TrainConfig(schedule=schedule, steps=steps, **config)
+    cfg.check()
+    strategy = cfg.strategy
+    if cfg.act_quant == "static":
+        raise ValueError("--act-quant static needs the program student (--nproc 1, no --strategy)")
+    sched = Schedule.parse(cfg.schedule, cfg.steps, cfg.bits)
+    layers = (list(scheduled_layers) if scheduled_layers is not None
+              else [k for k, s in specs.items() if s.weight.bits == sched.final_bits])
+    world, device = D.init(cfg.nproc, cfg.device)
+    torch.manual_seed(cfg.seed)     # the same float model and teacher copy on every process
+
+    def runtime():
+        return ModuleRuntime(model, specs, world, device, strategy=strategy, act_quant=cfg.act_quant,
+                             blocks_only=cfg.blocks_only, compile=cfg.compile,
+                             checkpoint_blocks=cfg.checkpoint_blocks)
+
+    factory, note = S.source(data, data_note, example_inputs, cfg.seed)
+    try:
+        return _run(runtime, world, cfg, sched, layers, factory, note, example_inputs, out=out, resume=resume,
+                    task_loss=task_loss, source=source, stop_after=stop_after,
+                    progress=progress and world.main, log=log if world.main else (lambda s: None),
+                    report=report and world.main)
+    finally:
+        world.close()
+
+
+def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers: list[str], factory, note: str,
+         example: dict, *, out, resume, task_loss, source, stop_after, progress, log, report) -> TrainResult:
     log = log or (tqdm.write if progress else (lambda s: None))
     out = Path(out) if out is not None else None
-    if data is None:
-        factory, note = (lambda: samples_around(program.example_inputs, seed=cfg.seed)), DATA_FREE_NOTE
-    else:
-        factory, note = (data if callable(data) else (lambda: data)), data_note or "the given data"
-    ckpt = _open_run(out, resume, cfg, sched, source, note)
+    ckpt = None
+    if world.main:
+        ckpt = _open_run(out, resume, cfg, sched, source, note)
+    world.barrier()
+    if not world.main and resume:
+        ckpt = ck.load_checkpoint(out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    buffers = bits_buffers(program)
-    layers = list(scheduled_layers) if scheduled_layers is not None else default_scheduled(program, sched.final_bits)
-    unknown = [x for x in layers if x not in buffers]
+    rt = make_runtime()
+    unknown = [x for x in layers if x not in rt.bits]
     if unknown:
         raise ValueError(f"scheduled layers {unknown} are not quantized layers of the student")
-    if cfg.act_quant == "static":
-        _calibrate_static(program, factory, cfg.calib_samples, sched.bits_at(0), layers, buffers)
-    params = own_parameters(program, device,
-                            (lambda n: BLOCKS.search(n) is not None) if cfg.blocks_only else (lambda n: True))
-    buffers = bits_buffers(program)              # re-read: own_parameters moved them to the device
-    if not params:
-        raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
-    teacher_call, teacher_mod = _teacher_fn(teacher, device)
-    teacher_dev = next((p.device for p in teacher_mod.parameters()), None) if teacher_mod is not None else None
-    if teacher_mod is not None:
-        teacher_mod.to(device)
-    view = training_view(program, cfg.act_quant, device)
-    student_call = torch.compile(view.graph_module) if cfg.compile else view.graph_module
-    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    device = rt.device
+    opt = rt.optimizer(cfg.lr, cfg.weight_decay)
     amp = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
 
     start, position, rows = 0, 0, []
     if ckpt is not None:
-        program.graph_module.load_state_dict(ckpt["student"])
-        opt.load_state_dict(ckpt["optimizer"])
+        rt.load(ckpt, opt)
         start, position = ckpt["step"], ckpt["data_position"]
         ck.set_rng_state(ckpt["rng"], device)
-        rows = ck.truncate_log(out, start)
-        log(f"resumed {out} at step {start}/{cfg.steps} ({sched.bits_at(start):g} bits)")
+        rows = ck.truncate_log(out, start) if world.main else []
+        log(f"resumed {out} at step {start}/{cfg.steps} ({sched.bits_at(start):g} bits) "
+            f"with {world.size} process(es)")
     else:
         log(f"QAT: {sched.name} schedule {sched.describe()}; {len(layers)} scheduled layers, "
-            f"{sum(p.numel() for _, p in params):,} trainable parameters on {device}; "
+            f"{sum(p.numel() for p in rt.params):,} trainable parameters on {device}"
+            f"{f' × {world.size} processes ({cfg.strategy})' if world.size > 1 else ''}; "
             f"activations {cfg.act_quant}; data: {note}")
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    samples = _stream(factory, position)
-    log_file = open(out / ck.LOG, "a") if out is not None else None
+    samples = S.cycle(factory, position)
+    batches = (S.prefetch(S.batches(samples, cfg.batch)) if rt.kind == "module"
+               else S.batches(samples, cfg.batch))
+    log_file = open(out / ck.LOG, "a") if out is not None and world.main else None
     bar = tqdm(total=cfg.steps, initial=start, desc="qat", unit="step", disable=not progress,
                dynamic_ncols=True)
-    t0, current = time.perf_counter(), None
+    t0, current, pending = time.perf_counter(), None, None
+
+    def record(item) -> None:
+        if item is None:
+            return
+        row, values, seconds = item
+        row["loss"], row["kd"], row["grad_norm"] = values.read()
+        if not math.isfinite(row["loss"]):
+            raise ck.RunError(f"loss is {row['loss']} at step {row['step']} ({row['bits']:g} bits); lower --lr")
+        row["seconds"] = seconds
+        if device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        rows.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        bar.update(1)
+        bar.set_postfix(bits=f"{row['bits']:g}", loss=f"{row['loss']:.3e}", refresh=False)
+
     try:
         for step in range(start, end):
             bits = sched.bits_at(step)
             if bits != current:
-                set_bits(buffers, layers, bits)
+                set_bits(rt.bits, layers, bits)
                 current = bits
-            sample = next(samples)
+            batch = next(batches)
             if position == 0:
-                _check_like(sample, program.example_inputs, "training data sample 0")
-            position += 1
-            sample = _to(sample, device)
+                for i, x in enumerate(batch):
+                    _check_like(x, example, f"training data sample {i}")
+            position += len(batch)
+            sample = rt.prepare(S.collate(batch))
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 with torch.no_grad():
-                    target = teacher_call(**sample)
-                pred = student_call(**sample)
+                    target = rt.teacher(**sample)
+                pred = rt.student(**sample)
                 kd = kd_loss(pred, target)
                 loss = kd + cfg.task_weight * task_loss(sample, pred) if task_loss else kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip if cfg.clip else math.inf)
+            norm = rt.clip(cfg.clip)                            # a tensor: read when recorded
             opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ck.RunError(f"loss is {value} at step {step + 1} ({bits:g} bits); lower --lr")
-            row = {"step": step + 1, "bits": bits, "loss": value, "kd": float(kd.detach()), "lr": lr,
-                   "grad_norm": float(norm), "seconds": round(time.perf_counter() - t0, 4)}
-            rows.append(row)
-            if log_file:
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-            bar.update(1)
-            bar.set_postfix(bits=f"{bits:g}", loss=f"{value:.3e}", refresh=False)
+            # the values are read one step later (no host sync between steps: the CPU queues step
+            # N+1 while the GPU runs step N); a non-finite loss still stops the run, a step late
+            row = {"step": step + 1, "bits": bits, "lr": lr}
+            record(pending)                                    # waits for the previous step only
+            pending = (row, D.Pending(world, loss, kd, norm), round(time.perf_counter() - t0, 4))
             done = step + 1
             if out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                     or sched.changes_after(step) or done == end):
-                ck.save_checkpoint(out, done=done, student=program.graph_module, optimizer=opt,
-                                   schedule=sched.to_dict(), data_position=position, device=device)
+                record(pending)
+                pending = None
+                student_state, optim_state = rt.state(opt)      # collective for the module student
+                if world.main:
+                    ck.save_checkpoint(out, done=done, student=student_state, optimizer=optim_state,
+                                       kind=rt.kind, schedule=sched.to_dict(), data_position=position,
+                                       device=device)
+                world.barrier()
+        record(pending)
     finally:
         bar.close()
         if log_file:
@@ -246,21 +318,21 @@ def train(program: Program, teacher, data: Iterable[dict] | Callable[[], Iterabl
 
     finished = end == cfg.steps
     if finished:
-        set_bits(buffers, layers, sched.final_bits)
-    program.graph_module.to("cpu")
-    if teacher_mod is not None and teacher_dev is not None:
-        teacher_mod.to(teacher_dev)
+        set_bits(rt.bits, layers, sched.final_bits)
+    final = rt.final_state() if finished and out is not None or rt.kind == "module" else None
+    rt.close()
     summary = summarize(rows, sched, cfg, layers, time.perf_counter() - t0, finished, note)
-    if out is not None:
+    summary.update(describe(rt))
+    if out is not None and world.main:
         plot_loss(rows, sched.boundaries(), out / ck.PLOT,
                   title=f"{sched.name} schedule: KD loss vs step")
         if finished:
-            ck.save_student(out, program.graph_module)
+            ck.save_student(out, final)
             (out / ck.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    world.barrier()
     if report:
         log(summary_text(summary, out))
-    return TrainResult(program, sched, rows, summary, out)
-
+    return TrainResult(None, sched, rows, summary, out, extra={"state": final} if rt.kind == "module" else {})
 
 def _open_run(out: Path | None, resume: bool, cfg: TrainConfig, sched: Schedule, source, note):
     if out is None:
@@ -276,8 +348,14 @@ def _open_run(out: Path | None, resume: bool, cfg: TrainConfig, sched: Schedule,
         if saved["steps"] != sched.steps:
             raise ck.RunError(f"{out}: the run has --steps {saved['steps']}; resuming with --steps "
                               f"{sched.steps} is not allowed")
+        saved_module = TrainConfig(**{k: v for k, v in run["train"].items()
+                                      if k in TrainConfig.__dataclass_fields__}).module_student
+        if saved_module != cfg.module_student:
+            raise ck.RunError(f"{out}: the run trained the {'module' if saved_module else 'program'} student "
+                              f"({'--strategy ddp|fsdp' if saved_module else '--nproc 1, no --strategy'}); "
+                              f"resume it the same way")
         diff = {k: (run["train"].get(k), v) for k, v in asdict(cfg).items()
-                if k not in ("steps", "schedule", "bits") and run["train"].get(k) != v}
+                if k not in ("steps", "schedule", "bits", *EXECUTION) and run["train"].get(k) != v}
         if diff:
             raise ck.RunError(f"{out}: resume with the run's own settings; changed: "
                               + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in diff.items()))

@@ -1,0 +1,202 @@
+"""Data-parallel QAT on the GPUs (or CPU processes) of one host: process group, wrapping, full state.
+
+``fbqc train --nproc N`` re-launches itself through ``torchrun`` (:func:`launch`); each process then
+trains the module student (:mod:`fbqc.qat.modules`) on its slice of every batch, wrapped by
+:func:`wrap`:
+
+- ``ddp``: ``DistributedDataParallel`` — parameters and optimizer state replicated, gradients averaged.
+- ``fsdp``: FSDP2 ``fully_shard`` per transformer block (``…blocks.N``), then the root; the frozen
+  teacher is sharded the same way. Parameters stay fp32 (bf16 autocast computes), so the fake quant
+  sees the same weights as on one process.
+
+Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state
+(``torch.distributed.checkpoint.state_dict``), so a run resumes on any number of processes and
+with either strategy. The global batch is the model file's batch: with N processes each takes
+batch/N samples of it, and the logged loss is the mean over processes — the same trajectory as one
+process (up to the order of float reductions).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fbqc.errors import UserError
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    owned: bool = False            # we created the process group (and destroy it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``fbqc <args>`` in ``nproc`` processes through ``torchrun --standalone``; its exit code."""
+    if nproc < 2:
+        raise UserError("--nproc must be ≥ 2 to launch processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "fbqc.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+    return subprocess.call(cmd, env=env)
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE`` (torchrun would take ``--nproc`` for its own
+    ``--nproc-per-node``; the processes read their number from ``WORLD_SIZE``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def init(nproc: int, device: str) -> tuple[World, torch.device]:
+    """Join (or, for one in-process rank, create) the process group; the device of this rank."""
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if under_torchrun():
+        size, rank, local = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        if size != nproc:
+            raise UserError(f"torchrun started {size} processes but --nproc is {nproc}")
+        if cuda:
+            torch.cuda.set_device(local)
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        world = World(rank, size, local, owned)
+    else:
+        if nproc != 1:
+            raise UserError(f"--nproc {nproc}: run through `fbqc train --nproc {nproc}` (torchrun), "
+                            f"not in-process")
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        world = World(0, 1, 0, owned)
+    dev = torch.device(f"cuda:{world.local_rank}") if cuda else torch.device("cpu")
+    return world, dev
+
+
+def shard_batch(sample: dict[str, Any], world: World) -> dict[str, Any]:
+    """This rank's slice (along dim 0) of every batched tensor of ``sample``."""
+    if world.size == 1:
+        return sample
+    sizes = {v.shape[0] for v in sample.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    batch = max(sizes) if sizes else 0
+    if batch % world.size:
+        raise UserError(f"the batch ({batch} samples) does not split over {world.size} processes; "
+                        f"use a batch that is a multiple of --nproc")
+    per = batch // world.size
+    lo = world.rank * per
+    return {k: v[lo:lo + per] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+            for k, v in sample.items()}
+
+
+def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, device: torch.device,
+         *, trainable: bool = True, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``model`` wrapped for ``strategy`` (ddp | fsdp); a frozen model (``trainable=False``) is only
+    sharded (fsdp) or left as it is (ddp: a replica per process). ``param_dtype`` (fsdp): the dtype
+    parameters are all-gathered in (the frozen teacher under bf16 autocast: half the traffic)."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype)} if param_dtype is not None else {}
+        for block in blocks:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    if strategy == "ddp":
+        if not trainable:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)       # gradients live in the buckets: no second copy
+    raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """Unsharded, FQN-keyed (model, optimizer) state on CPU (complete on rank 0; collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = get_model_state_dict(model, options=_options(cpu_offload=True))
+    osd = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True)) if optimizer else None
+    return msd, osd
+
+
+def load_full_state(model: torch.nn.Module, optimizer, msd: dict, osd: dict | None) -> None:
+    """Load a full state (every rank passes the whole dict) into a wrapped model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, msd, options=_options())
+    if osd is not None:
+        set_optimizer_state_dict(model, optimizer, osd, options=_options())
+
+
+class Pending:
+    """A step's (mean loss, mean KD loss, gradient norm), read later without a host sync now: the
+    cross-process mean is queued on the device (NCCL) and copied to the host asynchronously, so the
+    CPU can queue the next step while the GPU finishes this one."""
+
+    def __init__(self, world: World, loss: torch.Tensor, kd: torch.Tensor, norm) -> None:
+        full = getattr(norm, "full_tensor", None)
+        norm = (full() if full is not None else norm).detach().float().reshape(1)
+        means = torch.stack([loss.detach().float(), kd.detach().float()])
+        if world.size > 1:
+            dist.all_reduce(means, op=dist.ReduceOp.SUM)
+            means = means / world.size
+        values = torch.cat([means, norm.to(means.device)])
+        self.event = None
+        if values.is_cuda:
+            self.values = values.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[float, float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, kd, norm = self.values.tolist()
+        return loss, kd, norm
+
+
+def total_norm(value) -> float:
+    """``clip_grad_norm_``'s result as a float (FSDP2 returns a DTensor)."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)

@@ -1,0 +1,165 @@
+"""What the training loop trains: the program student (one process) or the module student (DDP/FSDP2).
+
+Both expose the same small surface to :func:`fbqc.qat.train._loop`: ``bits`` (layer → bits buffer),
+``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``prepare(sample)``,
+checkpoint state and ``close()``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+
+from fbqc.frontend import _entry
+from fbqc.program import Program
+from fbqc.spec import QuantSpec
+
+from . import checkpoint as ck
+from . import dist as D
+from .fused import compile_options
+from .modules import block_modules, module_bits, quantize_modules
+from .student import BLOCKS, bits_buffers, own_parameters, retarget, training_view
+
+
+def _to(sample: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+
+
+def _trainable(blocks_only: bool) -> Callable[[str], bool]:
+    return (lambda n: BLOCKS.search(n) is not None) if blocks_only else (lambda n: True)
+
+
+class _Runtime:
+    kind = ""
+    world = D.World()
+    device: torch.device
+    params: list[torch.nn.Parameter]
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
+                                 **({"fused": True} if self.device.type == "cuda" else {}))
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients' total norm; returns it (a tensor, or a DTensor under FSDP2)."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else math.inf)
+
+    def prepare(self, sample: dict) -> dict:
+        return _to(D.shard_batch(sample, self.world), self.device)
+
+
+class ProgramRuntime(_Runtime):
+    """The FAKE_QUANT program trains in place (its own parameter copies on ``device``)."""
+
+    kind = "program"
+
+    def __init__(self, program: Program, teacher, device: torch.device, *, act_quant: str, blocks_only: bool,
+                 compile: bool):
+        self.program, self.device = program, device
+        named = own_parameters(program, device, _trainable(blocks_only))
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.bits = bits_buffers(program)               # after own_parameters moved them
+        self.teacher, self._teacher_mod = _teacher_fn(teacher, device)
+        self._teacher_dev = (next((p.device for p in self._teacher_mod.parameters()), None)
+                             if self._teacher_mod is not None else None)
+        if self._teacher_mod is not None:
+            self._teacher_mod.to(device)
+        view = training_view(program, act_quant, device)
+        gm = view.graph_module
+        self.student = torch.compile(gm, options=compile_options()) if compile else gm
+
+    def state(self, optimizer) -> tuple[dict, dict]:
+        return ck.cpu_state(self.program.graph_module), optimizer.state_dict()
+
+    def load(self, ckpt: dict, optimizer) -> None:
+        if ckpt.get("student_kind", self.kind) != self.kind:
+            raise ck.RunError("the checkpoint was written by the module student (--strategy ddp|fsdp); "
+                              "resume it with --strategy ddp or fsdp")
+        self.program.graph_module.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+    def final_state(self) -> dict:
+        return ck.cpu_state(self.program.graph_module)
+
+    def close(self) -> None:
+        self.program.graph_module.to("cpu")
+        if self._teacher_mod is not None and self._teacher_dev is not None:
+            self._teacher_mod.to(self._teacher_dev)
+
+
+class ModuleRuntime(_Runtime):
+    """The eager model with the specs applied (:mod:`fbqc.qat.modules`), wrapped for DDP or FSDP2;
+    each process trains on its slice of the batch. The teacher is a frozen float copy."""
+
+    kind = "module"
+
+    def __init__(self, model: torch.nn.Module, specs: dict[str, QuantSpec], world: D.World, device: torch.device,
+                 *, strategy: str, act_quant: str, blocks_only: bool, compile: bool, checkpoint_blocks: bool):
+        self.world, self.device, self.strategy = world, device, strategy
+        model.eval()
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        quantize_modules(model, specs, act_quant)
+        trainable = _trainable(blocks_only)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.param_names:
+            raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
+        self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
+        for m in (model, teacher):
+            m.to(device)
+            blocks = [b for _, b in block_modules(m)]
+            if checkpoint_blocks:
+                from torch.distributed._composable import checkpoint
+
+                for b in blocks:
+                    checkpoint(b)
+            if compile:
+                for b in blocks:
+                    b.compile(options=compile_options())
+        self.model = model
+        self.bits = module_bits(model)
+        self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device)
+        self._teacher = D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device,
+                               trainable=False, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+
+    def student(self, **sample):
+        return self.wrapped(**sample, **self.kwargs)
+
+    def teacher(self, **sample):
+        return self._teacher(**sample, **self.kwargs)
+
+    def state(self, optimizer) -> tuple[dict, dict]:
+        return D.full_state(self.wrapped, optimizer)
+
+    def load(self, ckpt: dict, optimizer) -> None:
+        if ckpt.get("student_kind") != self.kind:
+            raise ck.RunError("the checkpoint was written by the one-process program student; resume it "
+                              "with --nproc 1 and no --strategy")
+        D.load_full_state(self.wrapped, optimizer, ckpt["student"], ckpt["optimizer"])
+
+    def final_state(self) -> dict:
+        return D.full_state(self.wrapped)[0]
+
+    def close(self) -> None:
+        self.world.barrier()
+
+
+def _teacher_fn(teacher, device) -> tuple[Callable, torch.nn.Module | None]:
+    if isinstance(teacher, Program):
+        view = retarget(teacher.copy(), device).graph_module      # shares the teacher's parameters
+        return view, view
+    if isinstance(teacher, torch.nn.Module):
+        return _entry(teacher), teacher
+    if callable(teacher):
+        return teacher, None
+    raise TypeError(f"teacher must be a Program, an nn.Module or a callable, got {type(teacher).__name__}")
+
+
+def describe(rt: _Runtime) -> dict[str, Any]:
+    return {"student": rt.kind, "processes": rt.world.size,
+            **({"strategy": rt.strategy} if isinstance(rt, ModuleRuntime) else {})}

@@ -1,0 +1,126 @@
+"""Data-parallel QAT (fbqc.qat.dist, fbqc.qat.modules): the module student computes what the program
+student computes; `fbqc train --nproc 2` (two gloo processes through torchrun) follows the loss
+trajectory of one process; FSDP2 checkpoints resume on another number of processes; bad set-ups fail
+with a clear message."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fbqc
+from fbqc.cli import main
+from fbqc.frontend import _entry
+from fbqc.passes import AnnotateLinears, InsertFakeQuant
+from fbqc.qat import training_view
+from fbqc.qat.modules import FakeQuantLinear, annotate_modules, block_modules, module_bits, quantize_modules
+from test_qat_toy import one_thread, toy_file
+
+SANA = Path(__file__).resolve().parents[1] / "examples" / "sana.py"
+COMMON = ["--schedule", "8:1,4:2", "--steps", "6", "--lr", "1e-3", "-q", "--json"]
+
+
+def fbqc_train(*args: str, cwd: Path) -> dict:
+    """`fbqc train …` as a user runs it (a real process: --nproc re-launches through torchrun)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "fbqc.cli", "train", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_module_student_equals_program_student():
+    """Same specs (one AnnotateLinears rule), same fake quant: identical outputs on Sana tiny."""
+    with one_thread():
+        teacher, mf = fbqc.export_model_file(SANA)
+        annotate = AnnotateLinears(bits=4.5)
+        student = fbqc.PassManager([annotate, InsertFakeQuant()])(teacher)
+        view = training_view(student, "dynamic")
+        model = mf.call("model")
+        specs = annotate_modules(model, annotate)
+        assert specs == student.specs()
+        bits = quantize_modules(model, specs)
+        assert list(bits) == list(specs) and all(float(b) == 4.5 for b in bits.values())
+        assert sum(isinstance(m, FakeQuantLinear) for m in model.modules()) > 0
+        assert set(model.state_dict()) == set(mf.call("model").state_dict())    # names unchanged
+        assert [n for n, _ in block_modules(model)] == ["transformer_blocks.0", "transformer_blocks.1"]
+        x = mf.call("example_inputs")
+        with torch.no_grad():
+            ours = _entry(model)(**x)[0]
+            ref = view.graph_module(**x)[0]
+            float_out = teacher.graph_module(**x)[0]
+        assert torch.equal(ours, ref)
+        assert not torch.equal(ours, float_out)
+        for b in module_bits(model).values():
+            b.fill_(8.0)
+        with torch.no_grad():
+            assert not torch.equal(_entry(model)(**x)[0], ours)         # the buffers drive the layers
+
+
+def test_two_processes_follow_one_process(tmp_path):
+    """DDP over 2 gloo processes (batch 4 split 2 + 2) vs one process on the whole batch: the same
+    loss trajectory up to float reduction order; a different batch gives a different one."""
+    toy = toy_file(tmp_path)
+    one = fbqc_train(str(toy), "-o", "one", "--strategy", "ddp", *COMMON, cwd=tmp_path)
+    two = fbqc_train(str(toy), "-o", "two", "--nproc", "2", *COMMON, cwd=tmp_path)
+    assert one["student"] == two["student"] == "module" and two["processes"] == 2
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    # same weights and batch; matmuls over 2 rows instead of 4 may round differently, and the fake
+    # quant turns a last-bit difference near a rounding boundary into one level: agreement to ~1e-5
+    assert a[0] == pytest.approx(b[0], rel=1e-4)
+    assert b == pytest.approx(a, rel=1e-2)
+    assert max(a) > 2 * min(a)                                          # the trajectory moves
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["train"]["strategy"] == "ddp"
+    prog = fbqc_train(str(toy), "-o", "prog", *COMMON, cwd=tmp_path)  # the program student, 1 process
+    assert prog["student"] == "program"
+    assert losses(tmp_path / "prog") == pytest.approx(a, rel=1e-2)      # same math, other machinery
+
+
+def test_fsdp_resumes_on_another_process_count_and_compiles(tmp_path):
+    toy = toy_file(tmp_path)
+    fbqc_train(str(toy), "-o", "whole", "--nproc", "2", "--strategy", "fsdp", *COMMON, cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "fbqc.cli", "train", str(toy), "-o", "cut", "--nproc", "2",
+                        "--strategy", "fsdp", "--stop-after", "3", *COMMON], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(losses(tmp_path / "cut")) == 3 and not (tmp_path / "cut" / "student.pt").exists()
+    resumed = fbqc_train("--resume", "cut", "--nproc", "1", "-q", "--json", cwd=tmp_path)  # 2 → 1 process
+    assert resumed["processes"] == 1 and resumed["strategy"] == "fsdp"
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "whole"), rel=1e-2)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["student_kind"] == "module" and ckpt["step"] == 6
+    assert all(not k.startswith(("module.", "_orig_mod")) for k in ckpt["student"])    # plain FQNs
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "cut"), "-o", str(tmp_path / "art"), "-q",
+                                    "--calib-samples", "4"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["run"]["student_sha256"]
+
+
+def test_errors_name_the_problem(tmp_path):
+    toy = toy_file(tmp_path)
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
+    assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
+    with pytest.raises(Exception, match="does not split over 3 processes"):
+        from fbqc.qat.dist import World, shard_batch
+        shard_batch({"x": torch.zeros(4, 2)}, World(rank=0, size=3))
+    CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "p"), *COMMON[:-2], "--stop-after", "2",
+                              "-q"])
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "p"), "--strategy", "ddp", "-q"])
+    assert res.exit_code == 2 and "program student" in res.output and "resume it the same way" in res.output
+    with pytest.raises(ValueError, match="pointwise"):
+        quantize_modules(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3)),
+                         {"0": next(iter(annotate_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)),
+                                                          AnnotateLinears(4, include=[".*"])).values()))})

@@ -1,4 +1,4 @@
-"""The ``fbqc`` command line: compile, train, verify, inspect, list-passes, list-backends."""
+"""The ``fbqc`` command line: compile, train, export-diffusers, verify, inspect, list-passes, list-backends."""
 from __future__ import annotations
 
 import json
@@ -289,6 +289,26 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
                               progress=not quiet, log=log, stop_after=stop_after, report=False, **kw)
     if os.environ.get("RANK", "0") == "0":
         _emit(ctx, result.summary, summary_text(result.summary, out))
+
+
+@main.command("export-diffusers")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def export_diffusers(ctx, run_dir, out, force, as_json):
+    """Write the trained student of RUN_DIR to OUT as a diffusers checkpoint (save_pretrained).
+
+    Quantized layers hold their fake-quantized weights (on the W-bit grid, stored fp32); activations
+    stay float. OUT/fbqc_quant.json lists the layers and their specs.
+    """
+    from .qat.export import export_diffusers as export
+
+    summary = export(run_dir, out, force=force)
+    _emit(ctx, summary, f"wrote {summary['out']}: {summary['model']}, {summary['layers']} layers at "
+                        f"{'/'.join(f'{b:g}' for b in summary['bits'])} bits (weights fake-quantized, "
+                        f"activations float); load it with {summary['model']}.from_pretrained")
 
 
 @main.command()

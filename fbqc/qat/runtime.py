@@ -110,7 +110,8 @@ class ModuleRuntime(_Runtime):
             raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
         self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
         for m in (model, teacher):
-            m.to(device)
+            if strategy != "fsdp":
+                m.to(device)          # fsdp: fully_shard moves each shard, never the whole model
             blocks = [b for _, b in block_modules(m)]
             if checkpoint_blocks:
                 from torch.distributed._composable import checkpoint
@@ -121,10 +122,10 @@ class ModuleRuntime(_Runtime):
                 for b in blocks:
                     b.compile(options=compile_options())
         self.model = model
-        self.bits = module_bits(model)
         self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device)
         self._teacher = D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device,
                                trainable=False, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
 
     def student(self, **sample):

@@ -245,13 +245,8 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     from .qat.run import train_model_file
     from .qat.summary import summary_text
 
-    if nproc > 1 and not dist.under_torchrun():
-        argv = ctx.find_root().meta.get("fbqc.argv")
-        if output is not None and resume is None and output.exists() and any(output.iterdir()) and force:
-            shutil.rmtree(output)
-            argv = [a for a in argv if a != "--force"]
-        ctx.exit(dist.launch(nproc, dist.strip_option(argv, "--nproc")))
-    if dist.under_torchrun():
+    child = dist.under_torchrun()                 # one of the processes `--nproc N` launched
+    if child:
         nproc = int(os.environ["WORLD_SIZE"])
     quiet = quiet or as_json or (dist.under_torchrun() and os.environ.get("RANK", "0") != "0")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
@@ -271,7 +266,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         if model_file is None:
             raise UserError("fbqc train needs a MODEL_FILE (or --resume RUN_DIR)")
         out = output or Path("runs") / model_file.stem
-        if out.exists() and any(out.iterdir()):
+        if not child and out.exists() and any(out.iterdir()):     # the launcher checked it for its children
             if not force:
                 raise UserError(f"run directory {out} exists; pass --resume {out} to continue it or "
                                 f"--force to replace it")
@@ -282,6 +277,9 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
                   act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
                   device=device, seed=seed, compile=use_compile, batch=batch)
+    if nproc > 1 and not child:                   # everything is checked: run N processes of this command
+        argv = dist.strip_option(ctx.find_root().meta.get("fbqc.argv"), "--nproc")
+        ctx.exit(dist.launch(nproc, [a for a in argv if a != "--force"]))
     execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks}
     kw.update({k: v for k, v in execution.items() if resume is None
                or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})

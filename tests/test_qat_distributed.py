@@ -111,6 +111,10 @@ def test_fsdp_resumes_on_another_process_count_and_compiles(tmp_path):
 
 def test_errors_name_the_problem(tmp_path):
     toy = toy_file(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "full"), "--nproc", "2", "-q"])
+    assert run.exit_code == 2 and "--force" in run.output        # checked before any process starts
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
     assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
     with pytest.raises(Exception, match="does not split over 3 processes"):

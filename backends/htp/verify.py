@@ -133,20 +133,35 @@ def free_running(art, ref, codes, kinds, inputs, tmp: Path) -> tuple[list[CodeAg
 
 
 def verify(art, io: dict[str, Any]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     ref = art.reference()
     inputs = io["inputs"]
     kinds = {r["layer"]: r["kind"] for r in art.manifest["layers"]}
-    t = time.perf_counter()
-    ref_out = ref.run(inputs)
-    codes = ref.layer_codes(inputs)
-    ref_s = time.perf_counter() - t
-    t = time.perf_counter()
-    out = art.run(inputs)
-    run_s = time.perf_counter() - t
-    lsb = output_lsb(ref.program)
-    with tempfile.TemporaryDirectory(prefix="fbqc_htp_verify_") as tmp:
-        tf_rows, tf_info = teacher_forced(art, ref, codes, kinds, Path(tmp))
-        fr_rows, _ = free_running(art, ref, codes, kinds, inputs, Path(tmp))
+    # a full-size model takes many minutes per stage on the simulator: show where it is (a terminal only)
+    bar = tqdm(total=4, desc="verify", unit="stage", disable=None, dynamic_ncols=True)
+    try:
+        bar.set_postfix_str("cpu reference")
+        t = time.perf_counter()
+        ref_out = ref.run(inputs)
+        codes = ref.layer_codes(inputs)
+        ref_s = time.perf_counter() - t
+        bar.update()
+        bar.set_postfix_str("context binary on the HTP simulator")
+        t = time.perf_counter()
+        out = art.run(inputs)
+        run_s = time.perf_counter() - t
+        bar.update()
+        lsb = output_lsb(ref.program)
+        with tempfile.TemporaryDirectory(prefix="fbqc_htp_verify_") as tmp:
+            bar.set_postfix_str(f"{len(codes)} layers teacher-forced (compile + run)")
+            tf_rows, tf_info = teacher_forced(art, ref, codes, kinds, Path(tmp))
+            bar.update()
+            bar.set_postfix_str("free-running (compile + run)")
+            fr_rows, _ = free_running(art, ref, codes, kinds, inputs, Path(tmp))
+            bar.update()
+    finally:
+        bar.close()
     e2e = [r.as_dict() for r in end_to_end(out, ref_out, lsb)]
     for r, step in zip(e2e, lsb):
         r["max_lsb"] = r["max_abs"] / step if step else None

@@ -248,7 +248,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     child = dist.under_torchrun()                 # one of the processes `--nproc N` launched
     if child:
         nproc = int(os.environ["WORLD_SIZE"])
-    quiet = quiet or as_json or (dist.under_torchrun() and os.environ.get("RANK", "0") != "0")
+    quiet = quiet or as_json or (child and os.environ["RANK"] != "0")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     if resume is not None:
         keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output",

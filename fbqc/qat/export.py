@@ -10,14 +10,12 @@ happens in the compiled artifact. ``fbqc_quant.json`` beside it lists the layers
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fbqc.artifact import check_writable, staging
 from fbqc.errors import UserError
 from fbqc.fake_quant import weight_value
 from fbqc.frontend import load_model_file
@@ -37,8 +35,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, force: bool = Fals
     run_dir, out = Path(run_dir), Path(out)
     run = ck.read_run(run_dir)
     state = ck.load_student(run_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    check_writable(out, force)                       # before building the model, not after
     src = run["source"]
     model_file = Path(src["model_file_resolved"])
     if not model_file.is_file():
@@ -64,16 +61,8 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, force: bool = Fals
                "layers": len(specs), "bits": sorted({s.weight.bits for s in specs.values()}),
                "student_sha256": ck.state_digest(state),
                "note": "weights fake-quantized (on the W-bit grid, stored fp32); activations float"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out, force) as tmp:                 # written whole, then renamed into place
         model.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps({**summary, "specs": {k: v.to_dict() for k, v in specs.items()}},
                                                indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**summary, "out": str(out)}

@@ -58,9 +58,7 @@ class ProgramRuntime(_Runtime):
     def __init__(self, program: Program, teacher, device: torch.device, *, act_quant: str, blocks_only: bool,
                  compile: bool):
         self.program, self.device = program, device
-        named = own_parameters(program, device, _trainable(blocks_only))
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.params = [p for _, p in own_parameters(program, device, _trainable(blocks_only))]
         self.bits = bits_buffers(program)               # after own_parameters moved them
         self.teacher, self._teacher_mod = _teacher_fn(teacher, device)
         self._teacher_dev = (next((p.device for p in self._teacher_mod.parameters()), None)
@@ -105,9 +103,6 @@ class ModuleRuntime(_Runtime):
         trainable = _trainable(blocks_only)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not self.param_names:
-            raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
         self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
         for m in (model, teacher):
             if strategy != "fsdp":

@@ -223,6 +223,8 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
     np.random.seed(cfg.seed)
 
     rt = make_runtime()
+    if not rt.params:
+        raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
     unknown = [x for x in layers if x not in rt.bits]
     if unknown:
         raise ValueError(f"scheduled layers {unknown} are not quantized layers of the student")

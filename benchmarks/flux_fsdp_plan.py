@@ -29,7 +29,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from fbqc.frontend import load_model_file
 from fbqc.passes import AnnotateLinears
-from fbqc.qat.dist import wrap
+from fbqc.qat.dist import World, wrap
 from fbqc.qat.modules import annotate_modules, block_modules, quantize_modules
 from fbqc.qat.student import BLOCKS
 
@@ -64,8 +64,9 @@ def shard(student, teacher, world: int, rank: int = 0) -> dict[str, int]:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         meta = torch.device("meta")
-        wrap(student, [b for _, b in block_modules(student)], "fsdp", meta)
-        wrap(teacher, [b for _, b in block_modules(teacher)], "fsdp", meta, trainable=False,
+        ranks = World(rank, world)
+        wrap(student, [b for _, b in block_modules(student)], "fsdp", meta, ranks)
+        wrap(teacher, [b for _, b in block_modules(teacher)], "fsdp", meta, ranks, trainable=False,
              param_dtype=torch.bfloat16)
         if not all(isinstance(p, DTensor) for p in student.parameters()):
             raise RuntimeError("fully_shard left a parameter unsharded")

@@ -226,14 +226,21 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
               "over the --nproc processes.")
 @click.option("--checkpoint-blocks", is_flag=True, help="Activation checkpointing per transformer block "
               "(module student: --strategy ddp|fsdp).")
+@click.option("--grad-reduce", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Average gradients across processes in fp32 or bf16 (half the traffic; the optimizer "
+              "stays fp32). CUDA only.")
+@click.option("--fsdp-keep-params", is_flag=True, help="FSDP2: keep each block's gathered parameters "
+              "from forward to backward (no second all-gather; more memory: the whole fp32 student).")
+@click.option("--profile", "use_profile", is_flag=True, help="Profile steps 6–8 (PyTorch profiler) into "
+              "RUN/profile/: per process, a table of the slowest ops/kernels and a Chrome trace.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
           act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
-          include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, stop_after, quiet,
-          as_json):
+          include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, grad_reduce,
+          fsdp_keep_params, use_profile, stop_after, quiet, as_json):
     """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable).
 
     With --nproc N (N > 1) fbqc re-launches itself in N processes through torchrun.
@@ -252,7 +259,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     if resume is not None:
         keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output",
-                "nproc", "strategy", "checkpoint_blocks"}
+                "nproc", "strategy", "checkpoint_blocks", "grad_reduce", "fsdp_keep_params", "use_profile"}
         changed = [k for k in ctx.params if k not in keep
                    and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
         if changed:
@@ -277,12 +284,17 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
                   act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
                   device=device, seed=seed, compile=use_compile, batch=batch)
+    if resume is None and grad_reduce == "bf16" and not device.startswith("cuda"):
+        raise UserError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) average "
+                        "gradients in fp32")
     if nproc > 1 and not child:                   # everything is checked: run N processes of this command
         argv = dist.strip_option(ctx.find_root().meta.get("fbqc.argv"), "--nproc")
         ctx.exit(dist.launch(nproc, [a for a in argv if a != "--force"]))
-    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks}
+    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks,
+                 "grad_reduce": grad_reduce, "fsdp_keep_params": fsdp_keep_params}
     kw.update({k: v for k, v in execution.items() if resume is None
                or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
+    kw["profile"] = use_profile                   # this command's, also on --resume
     result = train_model_file(model_file, out, schedule=schedule, steps=steps, resume=resume is not None,
                               progress=not quiet, log=log, stop_after=stop_after, report=False, **kw)
     if os.environ.get("RANK", "0") == "0":

@@ -88,8 +88,16 @@ def test_two_processes_follow_one_process(tmp_path):
 
 
 def test_fsdp_resumes_on_another_process_count_and_compiles(tmp_path):
+    """FSDP2 keeping the gathered parameters until backward (and profiled) vs re-gathering them, cut
+    at step 3 and resumed on one process: the same trajectory; the resumed run compiles."""
     toy = toy_file(tmp_path)
-    fbqc_train(str(toy), "-o", "whole", "--nproc", "2", "--strategy", "fsdp", *COMMON, cwd=tmp_path)
+    fbqc_train(str(toy), "-o", "whole", "--nproc", "2", "--strategy", "fsdp", "--fsdp-keep-params",
+               "--profile", *COMMON, cwd=tmp_path)
+    for rank in (0, 1):                                  # --profile: a table and a trace per process
+        table = (tmp_path / "whole" / "profile" / f"rank{rank}.txt").read_text()
+        assert f"rank {rank}" in table and "aten::" in table and "Self CPU" in table
+        trace = json.loads((tmp_path / "whole" / "profile" / f"rank{rank}.trace.json").read_text())
+        assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "fbqc.cli", "train", str(toy), "-o", "cut", "--nproc", "2",
                         "--strategy", "fsdp", "--stop-after", "3", *COMMON], cwd=tmp_path, env=env,
@@ -115,6 +123,9 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "full"), "--nproc", "2", "-q"])
     assert run.exit_code == 2 and "--force" in run.output        # checked before any process starts
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "g"), "--nproc", "2",
+                                    "--grad-reduce", "bf16", "-q"])
+    assert run.exit_code == 2 and "--grad-reduce bf16 needs --device cuda" in run.output
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
     assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
     with pytest.raises(Exception, match="does not split over 3 processes"):
@@ -128,3 +139,13 @@ def test_errors_name_the_problem(tmp_path):
         quantize_modules(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3)),
                          {"0": next(iter(annotate_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)),
                                                           AnnotateLinears(4, include=[".*"])).values()))})
+
+
+def test_ddp_over_one_process_is_no_wrapper():
+    """One process: DDP would only copy the gradients into its buckets; the plain module trains."""
+    from fbqc.qat.dist import World, wrap
+
+    m = torch.nn.Linear(2, 2)
+    assert wrap(m, [], "ddp", torch.device("cpu"), World()) is m
+    with pytest.raises(ValueError, match="--grad-reduce"):
+        wrap(m, [], "ddp", torch.device("cpu"), World(), grad_reduce="fp16")

@@ -51,3 +51,22 @@ def test_dynamic_zero_sample_bf16_and_straight_through_grad():
     g = torch.randn(3, 7)
     FQD(x, torch.tensor(4.0)).backward(g)
     assert torch.equal(x.grad, g)
+
+
+def test_dynamic_channels_last_and_permuted_inputs():
+    """The range is reduced in memory order (fast when compiled): the values must not depend on the
+    layout — a channels-last conv output and a permuted view give NumPy's per-sample result."""
+    from fbqc.qat.fused import compile_options, fq_act_dynamic
+    from fbqc.qat.ops import memory_order
+
+    g = torch.Generator().manual_seed(3)
+    nhwc = torch.randn(3, 5, 4, 7, generator=g) * torch.tensor([0.5, 4.0, 20.0]).view(3, 1, 1, 1)
+    x = nhwc.permute(0, 3, 1, 2)                              # (3, 7, 5, 4), channels-last memory
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert memory_order(x).is_contiguous() and memory_order(x.contiguous()).shape == x.shape
+    want = torch.from_numpy(np_dynamic(x.contiguous().numpy(), 6.0))
+    bits = torch.tensor(6.0, dtype=torch.float64)
+    assert torch.equal(FQD(x, bits), want)
+    assert torch.equal(FQD(x.transpose(1, 3), bits), want.transpose(1, 3))
+    compiled = torch.compile(fq_act_dynamic, options=compile_options())
+    assert torch.equal(compiled(x, bits), want)

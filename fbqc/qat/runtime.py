@@ -1,7 +1,7 @@
 """What the training loop trains: the program student (one process) or the module student (DDP/FSDP2).
 
 Both expose the same small surface to :func:`fbqc.qat.train._loop`: ``bits`` (layer → bits buffer),
-``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``prepare(sample)``,
+``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``stage(sample)`` / ``prepare(staged)``,
 checkpoint state and ``close()``.
 """
 from __future__ import annotations
@@ -25,7 +25,9 @@ from .student import BLOCKS, bits_buffers, own_parameters, retarget, training_vi
 
 
 def _to(sample: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    """On ``device``; from pinned memory the copy is asynchronous (no wait for the GPU's queue)."""
+    return {k: v.to(device, non_blocking=v.is_pinned()) if isinstance(v, torch.Tensor) else v
+            for k, v in sample.items()}
 
 
 def _trainable(blocks_only: bool) -> Callable[[str], bool]:
@@ -46,8 +48,17 @@ class _Runtime:
         """Clip the gradients' total norm; returns it (a tensor, or a DTensor under FSDP2)."""
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else math.inf)
 
-    def prepare(self, sample: dict) -> dict:
-        return _to(D.shard_batch(sample, self.world), self.device)
+    def stage(self, sample: dict) -> dict:
+        """This process's slice of a global batch, on the host (pinned for a CUDA device): the work
+        the data thread does ahead of the step."""
+        sample = D.shard_batch(sample, self.world)
+        if self.device.type == "cuda":
+            sample = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        return sample
+
+    def prepare(self, staged: dict) -> dict:
+        """A staged sample on the device (the step's inputs)."""
+        return _to(staged, self.device)
 
 
 class ProgramRuntime(_Runtime):
@@ -95,7 +106,8 @@ class ModuleRuntime(_Runtime):
     kind = "module"
 
     def __init__(self, model: torch.nn.Module, specs: dict[str, QuantSpec], world: D.World, device: torch.device,
-                 *, strategy: str, act_quant: str, blocks_only: bool, compile: bool, checkpoint_blocks: bool):
+                 *, strategy: str, act_quant: str, blocks_only: bool, compile: bool, checkpoint_blocks: bool,
+                 grad_reduce: str = "fp32", keep_params: bool = False):
         self.world, self.device, self.strategy = world, device, strategy
         model.eval()
         teacher = copy.deepcopy(model).requires_grad_(False)
@@ -117,8 +129,9 @@ class ModuleRuntime(_Runtime):
                 for b in blocks:
                     b.compile(options=compile_options())
         self.model = model
-        self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device)
-        self._teacher = D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device,
+        self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device, world,
+                              grad_reduce=grad_reduce, keep_params=keep_params)
+        self._teacher = D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
                                trainable=False, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]

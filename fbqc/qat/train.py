@@ -34,6 +34,7 @@ from . import checkpoint as ck
 from . import dist as D
 from . import stream as S
 from .plot import plot_loss
+from .profile import StepProfiler
 from .runtime import ModuleRuntime, ProgramRuntime, describe
 from .schedule import Schedule
 from .student import ACT_MODES, bits_buffers, check_student, default_scheduled, set_bits
@@ -41,7 +42,7 @@ from .summary import summarize, summary_text
 
 
 #: settings a resumed run may change (where and how it runs, not what it computes)
-EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile")
+EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile", "profile", "grad_reduce", "fsdp_keep_params")
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TrainConfig:
     strategy: str = "auto"              # auto (nproc 1: program student; else ddp) | ddp | fsdp
     checkpoint_blocks: bool = False     # module student: activation checkpointing per block
     batch: int = 1                      # module student: data samples concatenated into one global batch
+    profile: bool = False               # profiler over steps 6–8, written to RUN/profile/
+    grad_reduce: str = "fp32"           # module student, > 1 process: gradients averaged in fp32 | bf16
+    fsdp_keep_params: bool = False      # fsdp: gathered parameters kept from forward to backward
 
     def check(self) -> None:
         if self.act_quant not in ACT_MODES:
@@ -76,6 +80,11 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be a finite number ≥ 0, got {v}")
         if self.warmup < 0 or self.checkpoint_every < 0:
             raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
+        if self.grad_reduce not in D.GRAD_REDUCE:
+            raise ValueError(f"--grad-reduce must be one of {', '.join(D.GRAD_REDUCE)}, got {self.grad_reduce!r}")
+        if self.grad_reduce == "bf16" and not self.device.startswith("cuda"):
+            raise ValueError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) "
+                             "average gradients in fp32")
         if self.strategy not in D.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(D.STRATEGIES)}, got {self.strategy!r}")
         if self.nproc < 1 or self.batch < 1:
@@ -196,7 +205,8 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
     def runtime():
         return ModuleRuntime(model, specs, world, device, strategy=strategy, act_quant=cfg.act_quant,
                              blocks_only=cfg.blocks_only, compile=cfg.compile,
-                             checkpoint_blocks=cfg.checkpoint_blocks)
+                             checkpoint_blocks=cfg.checkpoint_blocks, grad_reduce=cfg.grad_reduce,
+                             keep_params=cfg.fsdp_keep_params)
 
     factory, note = S.source(data, data_note, example_inputs, cfg.seed)
     try:
@@ -247,12 +257,25 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
             f"activations {cfg.act_quant}; data: {note}")
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     samples = S.cycle(factory, position)
-    batches = (S.prefetch(S.batches(samples, cfg.batch)) if rt.kind == "module"
-               else S.batches(samples, cfg.batch))
+    fresh = position == 0
+
+    def staged():
+        for i, batch in enumerate(S.batches(samples, cfg.batch)):
+            if i == 0 and fresh:
+                for j, x in enumerate(batch):
+                    _check_like(x, example, f"training data sample {j}")
+            yield len(batch), rt.stage(S.collate(batch))
+
+    batches = S.prefetch(staged()) if rt.kind == "module" else staged()    # module: made while the GPU works
     log_file = open(out / ck.LOG, "a") if out is not None and world.main else None
     bar = tqdm(total=cfg.steps, initial=start, desc="qat", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, current, pending = time.perf_counter(), None, None
+    prof = None
+    if cfg.profile:
+        if out is None:
+            raise ValueError("profile=True needs the run directory (out=) to write the profile to")
+        prof = StepProfiler(out / "profile", world.rank, device, end - start, log)
 
     def record(item) -> None:
         if item is None:
@@ -277,12 +300,9 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
             if bits != current:
                 set_bits(rt.bits, layers, bits)
                 current = bits
-            batch = next(batches)
-            if position == 0:
-                for i, x in enumerate(batch):
-                    _check_like(x, example, f"training data sample {i}")
-            position += len(batch)
-            sample = rt.prepare(S.collate(batch))
+            n, sample = next(batches)
+            position += n
+            sample = rt.prepare(sample)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -301,6 +321,8 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
             row = {"step": step + 1, "bits": bits, "lr": lr}
             record(pending)                                    # waits for the previous step only
             pending = (row, D.Pending(world, loss, kd, norm), round(time.perf_counter() - t0, 4))
+            if prof is not None:
+                prof.step()
             done = step + 1
             if out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                     or sched.changes_after(step) or done == end):
@@ -314,6 +336,8 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                 world.barrier()
         record(pending)
     finally:
+        if prof is not None:
+            prof.stop()
         bar.close()
         if log_file:
             log_file.close()

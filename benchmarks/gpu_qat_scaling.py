@@ -1,0 +1,151 @@
+"""Data-parallel QAT throughput: `fbqc train --nproc N` against one GPU, measured in the same run.
+
+    python benchmarks/gpu_qat_scaling.py                  # Sana-1600M, batch 4 per GPU, 1024 tokens, 2 GPUs
+    python benchmarks/gpu_qat_scaling.py --configs ddp,fsdp-keep --gpus 2 --json scaling.json
+    python benchmarks/gpu_qat_scaling.py --preset tiny --device cpu --gpus 2 --steps 8 --skip 3   # smoke test
+
+Every configuration is a real ``fbqc train`` command (``--compile --schedule direct --bits 4.5``, the
+module student, fused fake quant, bf16 autocast, fused AdamW) in its own process(es), launched through
+torchrun where ``--nproc`` > 1. The baseline is the same training on one GPU (no wrapper) at the
+per-GPU batch; a configuration with N GPUs trains N times that global batch, so
+
+    throughput ratio = (N × baseline s/step) / (s/step)         (≥ 1.8 on 2 GPUs is the target)
+
+Step time is the mean over the logged steps after ``--skip`` (compilation happens in the first two);
+each run is stopped once its log has ``--steps`` rows (the final checkpoint is not timed). Configs:
+
+    ddp             DistributedDataParallel, gradients averaged in fp32
+    ddp-bf16        the same, averaged in bf16 (``--grad-reduce bf16``)
+    fsdp            FSDP2 ``fully_shard`` per block (parameters re-gathered for backward)
+    fsdp-keep       FSDP2 keeping the gathered parameters until backward (``--fsdp-keep-params``)
+    fsdp-keep-bf16  the same, gradients reduce-scattered in bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = {
+    "ddp": ["--strategy", "ddp"],
+    "ddp-bf16": ["--strategy", "ddp", "--grad-reduce", "bf16"],
+    "fsdp": ["--strategy", "fsdp"],
+    "fsdp-keep": ["--strategy", "fsdp", "--fsdp-keep-params"],
+    "fsdp-keep-bf16": ["--strategy", "fsdp", "--fsdp-keep-params", "--grad-reduce", "bf16"],
+}
+
+
+def rows_of(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
+    """One ``fbqc train`` run, stopped once ``args.steps`` steps are logged; its step statistics."""
+    out = work / name
+    cmd = [sys.executable, "-m", "fbqc.cli", "train", args.model_file, "--preset", args.preset,
+           "--device", args.device, "--schedule", "direct", "--bits", str(args.bits), "--steps", "1000",
+           "--checkpoint-every", "0", "--lr", "1e-5", "-q", "--batch", str(args.batch * nproc),
+           *(["--compile"] if args.compile else []), *(["--nproc", str(nproc)] if nproc > 1 else []),
+           *extra, "-o", str(out)]
+    t0 = time.perf_counter()
+    err = open(work / f"{name}.err", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                            cwd=work)   # not the checkout: its fbqc/ is not the installed package
+    try:
+        while proc.poll() is None and len(rows_of(out / "log.jsonl")) < args.steps:
+            if time.perf_counter() - t0 > args.timeout:
+                break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.close()
+    rows = rows_of(out / "log.jsonl")[:args.steps]
+    result = {"config": name, "processes": nproc, "global_batch": args.batch * nproc, "steps": len(rows),
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    if len(rows) <= args.skip + 1:
+        tail = (work / f"{name}.err").read_text().strip().splitlines()[-3:]
+        print(f"  {name}: only {len(rows)} steps logged; stderr: {' | '.join(tail)}", file=sys.stderr)
+        return result
+    timed = rows[args.skip:]
+    deltas = [b["seconds"] - a["seconds"] for a, b in zip(timed, timed[1:])]
+    result.update(step_s=(timed[-1]["seconds"] - timed[0]["seconds"]) / (len(timed) - 1),
+                  median_s=statistics.median(deltas), peak_gib=rows[-1].get("peak_gib"),
+                  loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"])
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-file", default=str(ROOT / "examples" / "sana.py"))
+    ap.add_argument("--preset", default="1600m")
+    ap.add_argument("--batch", type=int, default=4, help="samples per GPU (1024 tokens each at 1600m)")
+    ap.add_argument("--bits", type=float, default=4.5)
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--configs", default="ddp,fsdp-keep", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=30, help="logged steps per run")
+    ap.add_argument("--skip", type=int, default=10, help="first steps left out of the timing")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per run at most")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.gpus:
+            ap.error(f"{args.gpus} GPUs asked for, {torch.cuda.device_count()} visible")
+        device = f"{args.gpus}× {torch.cuda.get_device_name(0)}; torch {torch.__version__}"
+    else:
+        device = f"{args.gpus} CPU processes"
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
+        work = Path(tmp)
+        results = []
+        for name, extra, n in [("1 GPU", ["--strategy", "ddp"], 1),
+                               *((c, CONFIGS[c], args.gpus) for c in args.configs.split(","))]:
+            results.append(run(name, extra, n, args, work))
+            print(f"  {name}: {results[-1].get('step_s', float('nan')):.4f} s/step", file=sys.stderr)
+            if args.json:                                 # as it goes: a cut-off run keeps its rows
+                Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": results},
+                                                      indent=2))
+    base = results[0].get("step_s")
+    print(f"\nQAT throughput — {device}; {args.preset} preset, {args.batch} samples per GPU, W{args.bits:g} "
+          f"+ A8 dynamic, fbqc train{' --compile' if args.compile else ''}; mean over steps {args.skip + 1}–{args.steps}")
+    print(f"{'config':16s} {'GPUs':>4s} {'batch':>5s} {'s/step':>8s} {'median':>8s} {'samples/s':>10s} "
+          f"{'× 1 GPU':>8s} {'peak GiB':>9s}")
+    for r in results:
+        if "step_s" not in r:
+            print(f"{r['config']:16s} {r['processes']:4d} {r['global_batch']:5d}   failed ({r['steps']} steps)")
+            continue
+        r["samples_per_s"] = r["global_batch"] / r["step_s"]
+        r["throughput_ratio"] = r["processes"] * base / r["step_s"] if base else None
+        print(f"{r['config']:16s} {r['processes']:4d} {r['global_batch']:5d} {r['step_s']:8.4f} "
+              f"{r['median_s']:8.4f} {r['samples_per_s']:10.2f} {r['throughput_ratio'] or float('nan'):8.2f} "
+              f"{r['peak_gib'] if r['peak_gib'] is not None else float('nan'):9.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Data-parallel QAT throughput: `fbqc train --nproc N` against one GPU, measured in the same run.
 
     python benchmarks/gpu_qat_scaling.py                  # Sana-1600M, batch 4 per GPU, 1024 tokens, 2 GPUs
-    python benchmarks/gpu_qat_scaling.py --configs ddp,fsdp-keep --gpus 2 --json scaling.json
+    python benchmarks/gpu_qat_scaling.py --configs ddp,fsdp-keep --gpus 2 --json scaling.json --profile-dir prof
     python benchmarks/gpu_qat_scaling.py --preset tiny --device cpu --gpus 2 --steps 8 --skip 3   # smoke test
 
 Every configuration is a real ``fbqc train`` command (``--compile --schedule direct --bits 4.5``, the
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -57,7 +58,7 @@ def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
            "--device", args.device, "--schedule", "direct", "--bits", str(args.bits), "--steps", "1000",
            "--checkpoint-every", "0", "--lr", "1e-5", "-q", "--batch", str(args.batch * nproc),
            *(["--compile"] if args.compile else []), *(["--nproc", str(nproc)] if nproc > 1 else []),
-           *extra, "-o", str(out)]
+           *(["--profile"] if args.profile_dir else []), *extra, "-o", str(out)]
     t0 = time.perf_counter()
     err = open(work / f"{name}.err", "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
@@ -77,6 +78,11 @@ def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
                 proc.wait()
         err.close()
     rows = rows_of(out / "log.jsonl")[:args.steps]
+    if args.profile_dir:                                 # fbqc train --profile: steps 6–8, per process
+        dest = Path(args.profile_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for table in sorted((out / "profile").glob("rank*.txt")):
+            shutil.copy(table, dest / f"{name.replace(' ', '-')}-{table.name}")
     result = {"config": name, "processes": nproc, "global_batch": args.batch * nproc, "steps": len(rows),
               "wall_s": round(time.perf_counter() - t0, 1)}
     if len(rows) <= args.skip + 1:
@@ -105,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile-dir", default=None, help="also profile steps 6–8 of every run (fbqc train "
+                    "--profile; outside the timed steps) and copy each process's table here")
     args = ap.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:

@@ -75,17 +75,24 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
+def read_versioned_json(path: Path, fmt: int, kind: str, error: type[Exception], missing: str) -> dict[str, Any]:
+    """``path``'s JSON object, whose ``format`` must be ``fmt``; each failure raises ``error`` naming
+    the file (``missing``: the message when it does not exist). Artifact manifests and run files."""
     if not path.is_file():
-        raise ArtifactError(f"{directory} is not an fbqc artifact (no {MANIFEST})")
+        raise error(missing)
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: artifact format {manifest.get('format')!r}, this fbqc reads {FORMAT}")
-    return manifest
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise error(f"{path}: {kind} format {found!r}, this fbqc reads {fmt}")
+    return data
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    return read_versioned_json(Path(directory) / MANIFEST, FORMAT, "artifact", ArtifactError,
+                               f"{directory} is not an fbqc artifact (no {MANIFEST})")
 
 
 def check_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:

@@ -17,14 +17,18 @@ def test_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_qat_scaling.py"), "--preset", "tiny",
-                        "--device", "cpu", "--gpus", "2", "--batch", "2", "--steps", "6", "--skip", "2",
-                        "--configs", "ddp", "--no-compile", "--json", str(out)],
+                        "--device", "cpu", "--gpus", "2", "--batch", "2", "--steps", "10", "--skip", "2",
+                        "--configs", "ddp", "--no-compile", "--json", str(out),
+                        "--profile-dir", str(tmp_path / "prof")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     base, ddp = rows["1 GPU"], rows["ddp"]
     assert (base["processes"], base["global_batch"]) == (1, 2) and (ddp["processes"], ddp["global_batch"]) == (2, 4)
-    assert base["steps"] == ddp["steps"] == 6                   # stopped after the asked steps
+    assert base["steps"] == ddp["steps"] == 10                  # stopped after the asked steps
     assert ddp["throughput_ratio"] == pytest.approx(2 * base["step_s"] / ddp["step_s"])
     assert ddp["samples_per_s"] == pytest.approx(4 / ddp["step_s"])
     assert "ddp" in p.stdout and "× 1 GPU" in p.stdout
+    tables = sorted(f.name for f in (tmp_path / "prof").iterdir())
+    assert tables == ["1-GPU-rank0.txt", "ddp-rank0.txt", "ddp-rank1.txt"]
+    assert "DistributedDataParallel.forward" in (tmp_path / "prof" / "ddp-rank0.txt").read_text()

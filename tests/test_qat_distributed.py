@@ -126,6 +126,9 @@ def test_errors_name_the_problem(tmp_path):
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "g"), "--nproc", "2",
                                     "--grad-reduce", "bf16", "-q"])
     assert run.exit_code == 2 and "--grad-reduce bf16 needs --device cuda" in run.output
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "ddp",
+                                    "--fsdp-keep-params", "-q"])
+    assert run.exit_code == 2 and "--fsdp-keep-params needs --strategy fsdp" in run.output
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
     assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
     with pytest.raises(Exception, match="does not split over 3 processes"):

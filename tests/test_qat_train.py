@@ -165,3 +165,28 @@ def test_data_free_default_and_static_activations(toy, tmp_path):
     fbqc.qat.train(s, teacher, None, schedule="direct", steps=2, act_quant="static", calib_samples=4, **QUIET)
     scales = [s.attr(n.args[1]) for n in s.graph.nodes if n.target == torch.ops.fbqc.fake_quant_act.default]
     assert scales and all(bool(torch.isfinite(t)) and float(t) > 0 for t in scales)
+
+
+def test_run_and_artifact_files_read_with_named_errors(tmp_path):
+    """run.json and manifest.json share one reader: a missing, broken or foreign-format file is an
+    error naming the file and the problem (RunError / ArtifactError, both user errors)."""
+    from fbqc.artifact import read_manifest
+    from fbqc.errors import ArtifactError
+    from fbqc.qat.checkpoint import RunError, read_run
+
+    with pytest.raises(RunError, match="does not exist"):
+        read_run(tmp_path / "nope")
+    with pytest.raises(RunError, match="not an fbqc training run"):
+        read_run(tmp_path)
+    with pytest.raises(ArtifactError, match="not an fbqc artifact"):
+        read_manifest(tmp_path)
+    (tmp_path / "run.json").write_text("{broken")
+    with pytest.raises(RunError, match=r"run\.json: not valid JSON"):
+        read_run(tmp_path)
+    for body, found in (('{"format": 999}', "999"), ("[1, 2]", "None")):
+        (tmp_path / "run.json").write_text(body)
+        (tmp_path / "manifest.json").write_text(body)
+        with pytest.raises(RunError, match=rf"run\.json: run format {found}, this fbqc reads"):
+            read_run(tmp_path)
+        with pytest.raises(ArtifactError, match=rf"manifest\.json: artifact format {found}, this fbqc reads"):
+            read_manifest(tmp_path)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fbqc.artifact import read_versioned_json
 from fbqc.errors import UserError
 
 RUN, CKPT, LOG, PLOT, STUDENT, SUMMARY = ("run.json", "checkpoint.pt", "log.jsonl", "loss.png",
@@ -81,18 +82,10 @@ def write_run(out: Path, run: dict[str, Any]) -> None:
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
-    path = Path(run) / RUN
     if not Path(run).is_dir():
         raise RunError(f"run directory {run} does not exist")
-    if not path.is_file():
-        raise RunError(f"{run} is not an fbqc training run (no {RUN})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from e
-    if data.get("format") != FORMAT:
-        raise RunError(f"{path}: run format {data.get('format')!r}, this fbqc reads {FORMAT}")
-    return data
+    return read_versioned_json(Path(run) / RUN, FORMAT, "run", RunError,
+                               f"{run} is not an fbqc training run (no {RUN})")
 
 
 def read_log(run: Path, upto: int | None = None) -> list[dict[str, Any]]:

@@ -85,6 +85,8 @@ class TrainConfig:
         if self.grad_reduce == "bf16" and not self.device.startswith("cuda"):
             raise ValueError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) "
                              "average gradients in fp32")
+        if self.fsdp_keep_params and self.strategy != "fsdp":
+            raise ValueError("--fsdp-keep-params needs --strategy fsdp")
         if self.strategy not in D.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(D.STRATEGIES)}, got {self.strategy!r}")
         if self.nproc < 1 or self.batch < 1:

@@ -81,7 +81,7 @@ def example_inputs(preset: str = "tiny", checkpoint=None) -> dict:
 
     For a meta-device preset the tensors are moved to ``meta`` too: meta weights export only with meta inputs.
     """
-    inputs = next(samples(_sample, *_config(preset, checkpoint), seed=1234))
+    inputs = samples(_sample, *_config(preset, checkpoint), seed=1234)[0]
     return on_meta(inputs) if checkpoint is None and preset in META_PRESETS else inputs
 
 

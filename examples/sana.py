@@ -63,7 +63,7 @@ def _sample(cfg: dict, res: str, g: torch.Generator) -> dict:
 
 def example_inputs(preset: str = "tiny", checkpoint=None) -> dict:
     """Keyword arguments of ``forward`` (batch 1, deterministic); the caller adds ``return_dict=False``."""
-    return next(samples(_sample, *_config(preset, checkpoint), seed=1234))
+    return samples(_sample, *_config(preset, checkpoint), seed=1234)[0]
 
 
 def calibration_data(preset: str = "tiny", checkpoint=None):

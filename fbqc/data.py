@@ -10,19 +10,50 @@ DATA_FREE_NOTE = ("data-free samples drawn around example_inputs(): float tensor
                   "of the example tensor; scalars, integer and bool tensors kept as given")
 
 
-def samples_around(example: dict[str, Any], seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Endless deterministic samples shaped like ``example`` (see :data:`DATA_FREE_NOTE`)."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
+#: the length of an endless map-style stream (``len()`` must be finite)
+ENDLESS = 2**62
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index`` of a stream seeded with ``seed`` (each sample has its own
+    generator, so any sample can be made without the ones before it)."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
+class SamplesAround:
+    """Endless deterministic samples shaped like ``example`` (see :data:`DATA_FREE_NOTE`), map-style:
+    ``s[i]`` is made from its own generator, so each training process makes only its own share of
+    a batch; iterating yields ``s[0], s[1], …``."""
+
+    def __init__(self, example: dict[str, Any], seed: int = 0) -> None:
+        self.example, self.seed = example, seed
+        self.stats = {k: (v.float().mean(), v.float().std()) for k, v in example.items()
+                      if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1}
+
+    def __len__(self) -> int:
+        return ENDLESS
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < ENDLESS:
+            raise IndexError(i)
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, i))
         out = {}
-        for k, v in example.items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1:
-                mean, std = v.float().mean(), v.float().std()
+        for k, v in self.example.items():
+            if k in self.stats:
+                mean, std = self.stats[k]
                 noise = torch.randn(v.shape, generator=gen)
                 out[k] = (noise * std + mean).to(v.dtype) if std > 0 else v.clone()
             else:
                 out[k] = v
-        yield out
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in itertools.count())
+
+
+def samples_around(example: dict[str, Any], seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless deterministic samples shaped like ``example`` (:class:`SamplesAround`, iterated)."""
+    return iter(SamplesAround(example, seed))
 
 
 def take(data: Iterable[dict[str, Any]], n: int, example: dict[str, Any], what: str) -> Iterator[dict]:

@@ -152,3 +152,49 @@ def test_ddp_over_one_process_is_no_wrapper():
     assert wrap(m, [], "ddp", torch.device("cpu"), World()) is m
     with pytest.raises(ValueError, match="--grad-reduce"):
         wrap(m, [], "ddp", torch.device("cpu"), World(), grad_reduce="fp16")
+
+
+MAP_DATA = '''
+
+class Logged:
+    """Map-style training data (len + getitem) that records which process made which sample."""
+    def __init__(self, path):
+        self.path = path
+    def __len__(self):
+        return 5                                           # cycles: 6 steps × 2 samples > 5
+    def __getitem__(self, i):
+        import os
+        with open(self.path, "a") as f:
+            f.write(f"{os.environ.get('RANK', '-')} {i}\\n")
+        g = torch.Generator().manual_seed(100 + i)
+        return {"x": torch.randn(4, 8, generator=g), "scale": torch.rand(4, 1, generator=g) + 0.5}
+
+def training_data():
+    import os
+    return Logged(os.environ["FBQC_TEST_DATA_LOG"])
+'''
+
+
+def test_map_style_data_each_process_makes_its_own_share(tmp_path):
+    """training_data() with len/getitem: with --batch 2 over 2 processes each process makes only its
+    sample of every batch (rank 0: 0, 2, 4, 1, …; rank 1: 1, 3, 0, …, cycling over 5), and the loss
+    trajectory is the one process's on both samples."""
+    from test_qat_toy import TOY
+
+    toy = tmp_path / "toy_map.py"
+    toy.write_text(TOY + MAP_DATA)
+    logs = {}
+    for name, extra in (("one", ["--strategy", "ddp"]), ("two", ["--nproc", "2"])):
+        logs[name] = tmp_path / f"{name}.log"
+        os.environ["FBQC_TEST_DATA_LOG"] = str(logs[name])
+        try:
+            fbqc_train(str(toy), "-o", name, "--batch", "2", *extra, *COMMON, cwd=tmp_path)
+        finally:
+            del os.environ["FBQC_TEST_DATA_LOG"]
+    made = [line.split() for line in logs["two"].read_text().splitlines()]
+    by_rank = {r: [int(i) for rr, i in made if rr == r] for r in ("0", "1")}
+    want = [(2 * s + k) % 5 for s in range(6) for k in (0, 1)]            # the one process's order
+    assert by_rank["0"][:6] == want[0::2] and by_rank["1"][:6] == want[1::2]
+    assert [int(i) for _, i in (line.split() for line in logs["one"].read_text().splitlines())][:12] == want
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a[0] == pytest.approx(b[0], rel=1e-4) and b == pytest.approx(a, rel=1e-2)

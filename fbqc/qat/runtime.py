@@ -48,10 +48,11 @@ class _Runtime:
         """Clip the gradients' total norm; returns it (a tensor, or a DTensor under FSDP2)."""
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else math.inf)
 
-    def stage(self, sample: dict) -> dict:
-        """This process's slice of a global batch, on the host (pinned for a CUDA device): the work
-        the data thread does ahead of the step."""
-        sample = D.shard_batch(sample, self.world)
+    def stage(self, sample: dict, shard: bool = True) -> dict:
+        """This process's slice of a global batch (``shard=False``: ``sample`` is already its own
+        share), on the host (pinned for a CUDA device): the work the data thread does ahead of the step."""
+        if shard:
+            sample = D.shard_batch(sample, self.world)
         if self.device.type == "cuda":
             sample = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
         return sample

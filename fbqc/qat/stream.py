@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from fbqc.data import DATA_FREE_NOTE, samples_around
+from fbqc.data import DATA_FREE_NOTE, SamplesAround
 
 
 def cycle(factory: Callable[[], Iterable], skip: int) -> Iterator[dict]:
@@ -23,6 +23,24 @@ def cycle(factory: Callable[[], Iterable], skip: int) -> Iterator[dict]:
             seen += 1
         if empty:
             raise ValueError("training data yielded no samples")
+
+
+def indexed(data) -> bool:
+    """Map-style data (``len(data)`` and ``data[i]``: a list, a map-style ``Dataset``, the examples'
+    streams, the data-free default): a process can make just its own samples."""
+    return (not isinstance(data, (dict, str, bytes)) and hasattr(type(data), "__getitem__")
+            and hasattr(type(data), "__len__"))
+
+
+def shares(data, start: int, batch: int, lo: int, hi: int) -> Iterator[list[dict]]:
+    """Map-style ``data`` cycled from position ``start``: samples ``lo…hi-1`` of each global batch of
+    ``batch`` samples (this process's share; the same order as :func:`cycle` + :func:`batches`)."""
+    n = len(data)
+    if n == 0:
+        raise ValueError("training data yielded no samples")
+    while True:
+        yield [data[(start + j) % n] for j in range(lo, hi)]
+        start += batch
 
 
 def batches(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:
@@ -61,5 +79,5 @@ def collate(samples: list[dict]) -> dict:
 def source(data, data_note: str | None, example: dict, seed: int) -> tuple[Callable[[], Iterable], str]:
     """(a zero-argument factory of the sample stream, its description for the log and run.json)."""
     if data is None:
-        return (lambda: samples_around(example, seed=seed)), DATA_FREE_NOTE
+        return (lambda: SamplesAround(example, seed=seed)), DATA_FREE_NOTE
     return (data if callable(data) else (lambda: data)), data_note or "the given data"

@@ -258,15 +258,21 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
             f"{f' × {world.size} processes ({cfg.strategy})' if world.size > 1 else ''}; "
             f"activations {cfg.act_quant}; data: {note}")
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    samples = S.cycle(factory, position)
-    fresh = position == 0
+    data, fresh = factory(), position == 0
+    if S.indexed(data) and cfg.batch % world.size == 0:     # each process makes only its own samples
+        per = cfg.batch // world.size
+        lo, own = world.rank * per, True
+        parts = S.shares(data, position, cfg.batch, lo, lo + per)
+    else:                                                   # a stream: every process reads all of it
+        lo, own = 0, False
+        parts = S.batches(S.cycle(factory, position), cfg.batch)
 
     def staged():
-        for i, batch in enumerate(S.batches(samples, cfg.batch)):
+        for i, part in enumerate(parts):
             if i == 0 and fresh:
-                for j, x in enumerate(batch):
-                    _check_like(x, example, f"training data sample {j}")
-            yield len(batch), rt.stage(S.collate(batch))
+                for j, x in enumerate(part):
+                    _check_like(x, example, f"training data sample {lo + j}")
+            yield cfg.batch, rt.stage(S.collate(part), shard=not own)
 
     batches = S.prefetch(staged()) if rt.kind == "module" else staged()    # module: made while the GPU works
     log_file = open(out / ck.LOG, "a") if out is not None and world.main else None

@@ -68,7 +68,7 @@ def example_inputs(preset: str = "tiny", checkpoint=None) -> dict:
 
 def calibration_data(preset: str = "tiny", checkpoint=None):
     """Endless deterministic stream of denoiser inputs: noised structured latents, uniform t, N(0,1) text."""
-    return samples(_sample, *_config(preset, checkpoint), seed=0)
+    return iter(samples(_sample, *_config(preset, checkpoint), seed=0))
 
 
 def training_data(preset: str = "tiny", checkpoint=None):

@@ -18,17 +18,17 @@ before importing the file, as ``python model.py`` does.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
-import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fbqc.data import ENDLESS, sample_seed
+from fbqc.data import SeededSamples
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -125,29 +125,11 @@ def noised_latent(c: int, side: int, signal, noise_std, g: torch.Generator) -> t
     return signal * clean_latent(c, side, side, g) + noise_std * noise
 
 
-class Samples:
-    """Endless deterministic stream of ``sample(cfg, res, g)``: sample ``i`` uses its own generator
-    (``fbqc.data.sample_seed(seed, i)``), so the stream is map-style (``s[i]``, ``len``) as well as
+def samples(sample: Callable[[dict, str, torch.Generator], dict], cfg: dict, res: str, seed: int) -> SeededSamples:
+    """Endless deterministic stream of ``sample(cfg, res, g)`` for ``seed`` (same seed, same stream):
+    sample ``i`` has its own generator, so the stream is map-style (``s[i]``, ``len``) as well as
     iterable — each ``fbqc train --nproc N`` process makes only its own share of a batch."""
-
-    def __init__(self, sample: Callable[[dict, str, torch.Generator], dict], cfg: dict, res: str, seed: int):
-        self.sample, self.cfg, self.res, self.seed = sample, cfg, res, seed
-
-    def __len__(self) -> int:
-        return ENDLESS
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < ENDLESS:
-            raise IndexError(i)
-        return self.sample(self.cfg, self.res, torch.Generator().manual_seed(sample_seed(self.seed, i)))
-
-    def __iter__(self) -> Iterator[dict]:
-        return (self[i] for i in itertools.count())
-
-
-def samples(sample: Callable[[dict, str, torch.Generator], dict], cfg: dict, res: str, seed: int) -> Samples:
-    """The stream of ``sample(cfg, res, g)`` for ``seed`` (same seed, same stream): :class:`Samples`."""
-    return Samples(sample, cfg, res, seed)
+    return SeededSamples(functools.partial(sample, cfg, res), seed)
 
 
 def on_meta(inputs: dict) -> dict:

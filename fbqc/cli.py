@@ -251,6 +251,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     from .qat import dist
     from .qat.run import train_model_file
     from .qat.summary import summary_text
+    from .qat.train import TrainConfig
 
     child = dist.under_torchrun()                 # one of the processes `--nproc N` launched
     if child:
@@ -284,14 +285,13 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
                   act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
                   device=device, seed=seed, compile=use_compile, batch=batch)
-    if resume is None and grad_reduce == "bf16" and not device.startswith("cuda"):
-        raise UserError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) average "
-                        "gradients in fp32")
+    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks,
+                 "grad_reduce": grad_reduce, "fsdp_keep_params": fsdp_keep_params}
+    if resume is None:                            # the settings, checked before any process starts
+        TrainConfig(**{k: v for k, v in {**kw, **execution}.items() if k in TrainConfig.__dataclass_fields__}).check()
     if nproc > 1 and not child:                   # everything is checked: run N processes of this command
         argv = dist.strip_option(ctx.find_root().meta.get("fbqc.argv"), "--nproc")
         ctx.exit(dist.launch(nproc, [a for a in argv if a != "--force"]))
-    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks,
-                 "grad_reduce": grad_reduce, "fsdp_keep_params": fsdp_keep_params}
     kw.update({k: v for k, v in execution.items() if resume is None
                or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
     kw["profile"] = use_profile                   # this command's, also on --resume

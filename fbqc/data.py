@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -20,15 +20,13 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % 2**63
 
 
-class SamplesAround:
-    """Endless deterministic samples shaped like ``example`` (see :data:`DATA_FREE_NOTE`), map-style:
-    ``s[i]`` is made from its own generator, so each training process makes only its own share of
-    a batch; iterating yields ``s[0], s[1], …``."""
+class SeededSamples:
+    """An endless, deterministic, map-style stream: ``s[i] = make(generator seeded with
+    sample_seed(seed, i))``. Any sample can be made without the ones before it, so each training
+    process makes only its own share of a batch; iterating yields ``s[0], s[1], …``."""
 
-    def __init__(self, example: dict[str, Any], seed: int = 0) -> None:
-        self.example, self.seed = example, seed
-        self.stats = {k: (v.float().mean(), v.float().std()) for k, v in example.items()
-                      if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1}
+    def __init__(self, make: Callable[[torch.Generator], dict[str, Any]], seed: int = 0) -> None:
+        self.make, self.seed = make, seed
 
     def __len__(self) -> int:
         return ENDLESS
@@ -36,7 +34,22 @@ class SamplesAround:
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < ENDLESS:
             raise IndexError(i)
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, i))
+        return self.make(torch.Generator().manual_seed(sample_seed(self.seed, i)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in itertools.count())
+
+
+class SamplesAround(SeededSamples):
+    """Endless deterministic samples shaped like ``example`` (see :data:`DATA_FREE_NOTE`), map-style."""
+
+    def __init__(self, example: dict[str, Any], seed: int = 0) -> None:
+        super().__init__(self._around, seed)
+        self.example = example
+        self.stats = {k: (v.float().mean(), v.float().std()) for k, v in example.items()
+                      if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1}
+
+    def _around(self, gen: torch.Generator) -> dict[str, Any]:
         out = {}
         for k, v in self.example.items():
             if k in self.stats:
@@ -46,9 +59,6 @@ class SamplesAround:
             else:
                 out[k] = v
         return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return (self[i] for i in itertools.count())
 
 
 def samples_around(example: dict[str, Any], seed: int = 0) -> Iterator[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Map-style sample streams (fbqc.data.SamplesAround, the examples' Samples) and the per-process
+"""Map-style sample streams (fbqc.data.SamplesAround, the examples' SeededSamples) and the per-process
 shares the training loop takes of them (fbqc.qat.stream)."""
 from __future__ import annotations
 

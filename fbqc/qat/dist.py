@@ -125,6 +125,14 @@ def shard_batch(sample: dict[str, Any], world: World) -> dict[str, Any]:
             for k, v in sample.items()}
 
 
+def check_grad_reduce(grad_reduce: str, device: str) -> None:
+    if grad_reduce not in GRAD_REDUCE:
+        raise ValueError(f"--grad-reduce must be one of {', '.join(GRAD_REDUCE)}, got {grad_reduce!r}")
+    if grad_reduce == "bf16" and not device.startswith("cuda"):
+        raise UserError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) average "
+                        "gradients in fp32")
+
+
 def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, device: torch.device, world: World,
          *, trainable: bool = True, param_dtype: torch.dtype | None = None, grad_reduce: str = "fp32",
          keep_params: bool = False) -> torch.nn.Module:
@@ -140,12 +148,8 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
 
     DDP over one process is no wrapper at all (it would only copy gradients into buckets).
     """
-    if grad_reduce not in GRAD_REDUCE:
-        raise ValueError(f"--grad-reduce must be one of {', '.join(GRAD_REDUCE)}, got {grad_reduce!r}")
+    check_grad_reduce(grad_reduce, device.type)
     bf16 = grad_reduce == "bf16" and trainable and world.size > 1
-    if bf16 and device.type != "cuda":
-        raise UserError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) average "
-                        "gradients in fp32")
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

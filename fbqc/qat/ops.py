@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fbqc.fake_quant import _bound, _clamp0
+from fbqc.fake_quant import _bound, _clamp0, act_value
 
 __all__ = ["fake_quant_act_dynamic", "dynamic_act_qparams", "dynamic_act_value", "memory_order"]
 
@@ -44,10 +44,7 @@ def dynamic_act_qparams(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tens
 
 def dynamic_act_value(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """``x`` fake-quantized with its per-sample dynamic (scale, zero point), in ``x``'s dtype."""
-    scale, zp = dynamic_act_qparams(x, bits)
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    q = _clamp0(torch.round(x.to(torch.float32) / scale) + zp, qmax)
-    return ((q - zp) * scale).to(x.dtype)
+    return act_value(x, *dynamic_act_qparams(x, bits), bits)
 
 
 @torch.library.custom_op("fbqc::fake_quant_act_dynamic", mutates_args=())

@@ -37,10 +37,14 @@ def prepare(model_file: str | Path, opts: CompileOptions):
         raise UserError(f"{model_file}: the model's weights are on the meta device; it cannot be trained here")
     annotate = build_passes(opts, data=(), progress=False)[0][0]
     student = PassManager([annotate, InsertFakeQuant()])(teacher)
-    fixed = {layer: spec.weight.bits for layer, spec in student.specs().items()
+    return teacher, student, mf, *_split(student.specs(), annotate)
+
+
+def _split(specs: dict, annotate) -> tuple[list[str], dict[str, float]]:
+    """(layers the schedule drives, {layer: bits} of those --layer-bits fixes)."""
+    fixed = {layer: spec.weight.bits for layer, spec in specs.items()
              if any(p.search(layer) for p, _ in annotate._wb)}
-    scheduled = [layer for layer in student.specs() if layer not in fixed]
-    return teacher, student, mf, scheduled, fixed
+    return [layer for layer in specs if layer not in fixed], fixed
 
 
 def prepare_modules(model_file: str | Path, opts: CompileOptions):
@@ -59,10 +63,7 @@ def prepare_modules(model_file: str | Path, opts: CompileOptions):
         specs = annotate_modules(model, annotate)
     except ValueError as e:
         raise UserError(f"{model_file}: {e}") from e
-    fixed = {layer: spec.weight.bits for layer, spec in specs.items()
-             if any(p.search(layer) for p, _ in annotate._wb)}
-    scheduled = [layer for layer in specs if layer not in fixed]
-    return model, specs, mf, mf.call("example_inputs"), scheduled, fixed
+    return model, specs, mf, mf.call("example_inputs"), *_split(specs, annotate)
 
 
 def train_model_file(model_file: str | Path | None, out: str | Path, opts: CompileOptions | None = None, *,

@@ -1,6 +1,6 @@
 """What the training loop trains: the program student (one process) or the module student (DDP/FSDP2).
 
-Both expose the same small surface to :func:`fbqc.qat.train._loop`: ``bits`` (layer → bits buffer),
+Both expose the same small surface to :func:`fbqc.qat.train._run`: ``bits`` (layer → bits buffer),
 ``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``stage(sample)`` / ``prepare(staged)``,
 checkpoint state and ``close()``.
 """

@@ -11,12 +11,14 @@ import torch
 from fbqc.data import DATA_FREE_NOTE, SamplesAround
 
 
-def cycle(factory: Callable[[], Iterable], skip: int) -> Iterator[dict]:
-    """Cycle through ``factory()`` forever, after skipping ``skip`` items (the resumed position)."""
+def cycle(factory: Callable[[], Iterable], skip: int, first: Iterable | None = None) -> Iterator[dict]:
+    """Cycle through ``factory()`` forever, after skipping ``skip`` items (the resumed position);
+    ``first``: the stream ``factory()`` already returned (the first pass reads it, not a new one)."""
     seen = 0
     while True:
         empty = True
-        for sample in factory():
+        data, first = (first if first is not None else factory()), None
+        for sample in data:
             empty = False
             if seen >= skip:
                 yield sample

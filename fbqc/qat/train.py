@@ -80,11 +80,7 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be a finite number ≥ 0, got {v}")
         if self.warmup < 0 or self.checkpoint_every < 0:
             raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
-        if self.grad_reduce not in D.GRAD_REDUCE:
-            raise ValueError(f"--grad-reduce must be one of {', '.join(D.GRAD_REDUCE)}, got {self.grad_reduce!r}")
-        if self.grad_reduce == "bf16" and not self.device.startswith("cuda"):
-            raise ValueError("--grad-reduce bf16 needs --device cuda (NCCL); processes on the CPU (gloo) "
-                             "average gradients in fp32")
+        D.check_grad_reduce(self.grad_reduce, self.device)
         if self.fsdp_keep_params and self.strategy != "fsdp":
             raise ValueError("--fsdp-keep-params needs --strategy fsdp")
         if self.strategy not in D.STRATEGIES:
@@ -265,7 +261,7 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
         parts = S.shares(data, position, cfg.batch, lo, lo + per)
     else:                                                   # a stream: every process reads all of it
         lo, own = 0, False
-        parts = S.batches(S.cycle(factory, position), cfg.batch)
+        parts = S.batches(S.cycle(factory, position, first=data), cfg.batch)
 
     def staged():
         for i, part in enumerate(parts):

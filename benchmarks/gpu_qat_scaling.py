@@ -19,6 +19,10 @@ each run is stopped once its log has ``--steps`` rows (the final checkpoint is n
     fsdp            FSDP2 ``fully_shard`` per block (parameters re-gathered for backward)
     fsdp-keep       FSDP2 keeping the gathered parameters until backward (``--fsdp-keep-params``)
     fsdp-keep-bf16  the same, gradients reduce-scattered in bf16
+    fsdp-keep-rt    fsdp-keep with a whole bf16 teacher per GPU (``--fsdp-replicate-teacher``)
+    NAME-cg         any of them with ``--cuda-graphs`` (compiled blocks replayed as CUDA graphs), against
+                    a one-GPU baseline with CUDA graphs too ("1 GPU-cg")
+    NAME@VAR=V+…    any of them with these environment variables set (NCCL settings: ``ddp-cg@NCCL_MAX_CTAS=8``)
 """
 from __future__ import annotations
 
@@ -42,7 +46,20 @@ CONFIGS = {
     "fsdp": ["--strategy", "fsdp"],
     "fsdp-keep": ["--strategy", "fsdp", "--fsdp-keep-params"],
     "fsdp-keep-bf16": ["--strategy", "fsdp", "--fsdp-keep-params", "--grad-reduce", "bf16"],
+    "fsdp-keep-rt": ["--strategy", "fsdp", "--fsdp-keep-params", "--fsdp-replicate-teacher"],
 }
+
+
+def parse(config: str) -> tuple[list[str], dict[str, str], bool]:
+    """``NAME[-cg][@VAR=V+VAR=V]`` → (fbqc train flags, environment, CUDA graphs)."""
+    name, _, env = config.partition("@")
+    base, cg = (name[:-3], True) if name.endswith("-cg") else (name, False)
+    if base not in CONFIGS:
+        raise KeyError(base)
+    pairs = [e.partition("=") for e in env.split("+") if e]
+    if any(not k or not eq for k, eq, _ in pairs):
+        raise KeyError(config)
+    return [*CONFIGS[base], *(["--cuda-graphs"] if cg else [])], {k: v for k, _, v in pairs}, cg
 
 
 def rows_of(log: Path) -> list[dict]:
@@ -51,7 +68,7 @@ def rows_of(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip().endswith("}")]
 
 
-def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
+def run(name: str, extra: list[str], nproc: int, args, work: Path, env: dict | None = None) -> dict:
     """One ``fbqc train`` run, stopped once ``args.steps`` steps are logged; its step statistics."""
     out = work / name
     cmd = [sys.executable, "-m", "fbqc.cli", "train", args.model_file, "--preset", args.preset,
@@ -62,7 +79,7 @@ def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
     t0 = time.perf_counter()
     err = open(work / f"{name}.err", "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                            cwd=work)   # not the checkout: its fbqc/ is not the installed package
+                            cwd=work, env={**os.environ, **(env or {})})   # not the checkout: its fbqc/ is not the installed package
     try:
         while proc.poll() is None and len(rows_of(out / "log.jsonl")) < args.steps:
             if time.perf_counter() - t0 > args.timeout:
@@ -78,20 +95,21 @@ def run(name: str, extra: list[str], nproc: int, args, work: Path) -> dict:
                 proc.wait()
         err.close()
     rows = rows_of(out / "log.jsonl")[:args.steps]
+    skipped = [line for line in (work / f"{name}.err").read_text().splitlines() if "skipping cudagraphs" in line]
     if args.profile_dir:                                 # fbqc train --profile: steps 6–8, per process
         dest = Path(args.profile_dir)
         dest.mkdir(parents=True, exist_ok=True)
         for table in sorted((out / "profile").glob("rank*.txt")):
             shutil.copy(table, dest / f"{name.replace(' ', '-')}-{table.name}")
     result = {"config": name, "processes": nproc, "global_batch": args.batch * nproc, "steps": len(rows),
-              "wall_s": round(time.perf_counter() - t0, 1)}
+              "wall_s": round(time.perf_counter() - t0, 1), **({"cudagraphs_skipped": skipped[:3]} if skipped else {})}
     if len(rows) <= args.skip + 1:
         tail = (work / f"{name}.err").read_text().strip().splitlines()[-3:]
         print(f"  {name}: only {len(rows)} steps logged; stderr: {' | '.join(tail)}", file=sys.stderr)
         return result
     timed = rows[args.skip:]
     deltas = [b["seconds"] - a["seconds"] for a, b in zip(timed, timed[1:])]
-    result.update(step_s=(timed[-1]["seconds"] - timed[0]["seconds"]) / (len(timed) - 1),
+    result.update(deltas=[round(d, 4) for d in deltas], step_s=(timed[-1]["seconds"] - timed[0]["seconds"]) / (len(timed) - 1),
                   median_s=statistics.median(deltas), peak_gib=rows[-1].get("peak_gib"),
                   loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"])
     return result
@@ -114,9 +132,18 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-dir", default=None, help="also profile steps 6–8 of every run (fbqc train "
                     "--profile; outside the timed steps) and copy each process's table here")
     args = ap.parse_args(argv)
-    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if args.profile_dir and args.skip < 10:
+        print("warning: --profile-dir profiles steps 6–8 and writes the trace after step 9; with --skip "
+              f"{args.skip} they are timed (use --skip ≥ 10)", file=sys.stderr)
+    configs, unknown = {}, []
+    for c in args.configs.split(","):
+        try:
+            configs[c] = parse(c)
+        except KeyError:
+            unknown.append(c)
     if unknown:
-        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)} (each also as NAME-cg, "
+                 f"and with @VAR=VALUE+VAR=VALUE)")
     if args.device == "cuda":
         import torch
 
@@ -129,25 +156,28 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
         work = Path(tmp)
         results = []
-        for name, extra, n in [("1 GPU", ["--strategy", "ddp"], 1),
-                               *((c, CONFIGS[c], args.gpus) for c in args.configs.split(","))]:
-            results.append(run(name, extra, n, args, work))
+        baselines = [("1 GPU" + s, ["--strategy", "ddp", *(["--cuda-graphs"] if s else [])], {}, 1)
+                     for s in ("", "-cg") if any(cg == bool(s) for _, _, cg in configs.values())]
+        for name, extra, env, n in [*baselines, *((c, f, e, args.gpus) for c, (f, e, _) in configs.items())]:
+            results.append(run(name, extra, n, args, work, env))
             print(f"  {name}: {results[-1].get('step_s', float('nan')):.4f} s/step", file=sys.stderr)
             if args.json:                                 # as it goes: a cut-off run keeps its rows
                 Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": results},
                                                       indent=2))
-    base = results[0].get("step_s")
+    cuda_graphs = lambda r: r["config"].partition("@")[0].endswith("-cg")      # noqa: E731
+    base = {cuda_graphs(r): r.get("step_s") for r in results if r["processes"] == 1}
     print(f"\nQAT throughput — {device}; {args.preset} preset, {args.batch} samples per GPU, W{args.bits:g} "
           f"+ A8 dynamic, fbqc train{' --compile' if args.compile else ''}; mean over steps {args.skip + 1}–{args.steps}")
-    print(f"{'config':16s} {'GPUs':>4s} {'batch':>5s} {'s/step':>8s} {'median':>8s} {'samples/s':>10s} "
+    print(f"{'config':24s} {'GPUs':>4s} {'batch':>5s} {'s/step':>8s} {'median':>8s} {'samples/s':>10s} "
           f"{'× 1 GPU':>8s} {'peak GiB':>9s}")
     for r in results:
         if "step_s" not in r:
-            print(f"{r['config']:16s} {r['processes']:4d} {r['global_batch']:5d}   failed ({r['steps']} steps)")
+            print(f"{r['config']:24s} {r['processes']:4d} {r['global_batch']:5d}   failed ({r['steps']} steps)")
             continue
         r["samples_per_s"] = r["global_batch"] / r["step_s"]
-        r["throughput_ratio"] = r["processes"] * base / r["step_s"] if base else None
-        print(f"{r['config']:16s} {r['processes']:4d} {r['global_batch']:5d} {r['step_s']:8.4f} "
+        b = base.get(cuda_graphs(r))
+        r["throughput_ratio"] = r["processes"] * b / r["step_s"] if b else None
+        print(f"{r['config']:24s} {r['processes']:4d} {r['global_batch']:5d} {r['step_s']:8.4f} "
               f"{r['median_s']:8.4f} {r['samples_per_s']:10.2f} {r['throughput_ratio'] or float('nan'):8.2f} "
               f"{r['peak_gib'] if r['peak_gib'] is not None else float('nan'):9.2f}")
     if args.json:

@@ -231,6 +231,10 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
               "stays fp32). CUDA only.")
 @click.option("--fsdp-keep-params", is_flag=True, help="FSDP2: keep each block's gathered parameters "
               "from forward to backward (no second all-gather; more memory: the whole fp32 student).")
+@click.option("--fsdp-replicate-teacher", is_flag=True, help="FSDP2: a whole frozen teacher (bf16 on CUDA) "
+              "in each process instead of a sharded one (no teacher all-gathers; more memory).")
+@click.option("--cuda-graphs", is_flag=True, help="With --compile on CUDA: replay the compiled graphs as "
+              "CUDA graphs (no CPU launch cost per kernel; more memory).")
 @click.option("--profile", "use_profile", is_flag=True, help="Profile steps 6–8 (PyTorch profiler) into "
               "RUN/profile/: per process, a table of the slowest ops/kernels and a Chrome trace.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)
@@ -240,7 +244,7 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
 def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
           act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
           include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, grad_reduce,
-          fsdp_keep_params, use_profile, stop_after, quiet, as_json):
+          fsdp_keep_params, fsdp_replicate_teacher, cuda_graphs, use_profile, stop_after, quiet, as_json):
     """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable).
 
     With --nproc N (N > 1) fbqc re-launches itself in N processes through torchrun.
@@ -250,8 +254,8 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     from .pipeline import CompileOptions
     from .qat import dist
     from .qat.run import train_model_file
+    from .qat.config import EXECUTION, TrainConfig
     from .qat.summary import summary_text
-    from .qat.train import TrainConfig
 
     child = dist.under_torchrun()                 # one of the processes `--nproc N` launched
     if child:
@@ -260,7 +264,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     if resume is not None:
         keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output",
-                "nproc", "strategy", "checkpoint_blocks", "grad_reduce", "fsdp_keep_params", "use_profile"}
+                "use_profile", *EXECUTION}
         changed = [k for k in ctx.params if k not in keep
                    and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
         if changed:
@@ -285,8 +289,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
                   act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
                   device=device, seed=seed, compile=use_compile, batch=batch)
-    execution = {"nproc": nproc, "strategy": strategy, "checkpoint_blocks": checkpoint_blocks,
-                 "grad_reduce": grad_reduce, "fsdp_keep_params": fsdp_keep_params}
+    execution = {**{k: ctx.params[k] for k in EXECUTION if k in ctx.params}, "nproc": nproc}   # not compile
     if resume is None:                            # the settings, checked before any process starts
         TrainConfig(**{k: v for k, v in {**kw, **execution}.items() if k in TrainConfig.__dataclass_fields__}).check()
     if nproc > 1 and not child:                   # everything is checked: run N processes of this command

@@ -2,8 +2,10 @@
 after the asked steps, and its throughput ratio is N × (1-process s/step) / (N-process s/step)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,25 @@ def test_scaling_benchmark_smoke(tmp_path):
     assert base["steps"] == ddp["steps"] == 10                  # stopped after the asked steps
     assert ddp["throughput_ratio"] == pytest.approx(2 * base["step_s"] / ddp["step_s"])
     assert ddp["samples_per_s"] == pytest.approx(4 / ddp["step_s"])
+    for r in (base, ddp):                                        # the mean over the timed steps' intervals
+        assert len(r["deltas"]) == 10 - 2 - 1
+        assert r["step_s"] == pytest.approx(statistics.mean(r["deltas"]), abs=1e-3)
+        assert r["median_s"] == pytest.approx(statistics.median(r["deltas"]), abs=1e-3)
     assert "ddp" in p.stdout and "× 1 GPU" in p.stdout
     tables = sorted(f.name for f in (tmp_path / "prof").iterdir())
     assert tables == ["1-GPU-rank0.txt", "ddp-rank0.txt", "ddp-rank1.txt"]
     assert "DistributedDataParallel.forward" in (tmp_path / "prof" / "ddp-rank0.txt").read_text()
+
+
+def test_config_names():
+    """NAME[-cg][@VAR=V+VAR=V]: the fbqc train flags, the environment of that run, CUDA graphs."""
+    spec = importlib.util.spec_from_file_location("gpu_qat_scaling", ROOT / "benchmarks" / "gpu_qat_scaling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse("ddp") == (["--strategy", "ddp"], {}, False)
+    assert bench.parse("ddp-bf16-cg@NCCL_MAX_CTAS=8+NCCL_PROTO=Simple") == (
+        ["--strategy", "ddp", "--grad-reduce", "bf16", "--cuda-graphs"],
+        {"NCCL_MAX_CTAS": "8", "NCCL_PROTO": "Simple"}, True)
+    for bad in ("dp", "ddp@NCCL_MAX_CTAS", "ddp@=1"):
+        with pytest.raises(KeyError):
+            bench.parse(bad)

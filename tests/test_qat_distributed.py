@@ -98,6 +98,9 @@ def test_fsdp_resumes_on_another_process_count_and_compiles(tmp_path):
         assert f"rank {rank}" in table and "aten::" in table and "Self CPU" in table
         trace = json.loads((tmp_path / "whole" / "profile" / f"rank{rank}.trace.json").read_text())
         assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
+    fbqc_train(str(toy), "-o", "rt", "--nproc", "2", "--strategy", "fsdp", "--fsdp-keep-params",
+               "--fsdp-replicate-teacher", *COMMON, cwd=tmp_path)     # a whole teacher per process: same math
+    assert losses(tmp_path / "rt") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "fbqc.cli", "train", str(toy), "-o", "cut", "--nproc", "2",
                         "--strategy", "fsdp", "--stop-after", "3", *COMMON], cwd=tmp_path, env=env,
@@ -129,6 +132,15 @@ def test_errors_name_the_problem(tmp_path):
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "ddp",
                                     "--fsdp-keep-params", "-q"])
     assert run.exit_code == 2 and "--fsdp-keep-params needs --strategy fsdp" in run.output
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "ddp",
+                                    "--fsdp-replicate-teacher", "-q"])
+    assert run.exit_code == 2 and "--fsdp-replicate-teacher needs --strategy fsdp" in run.output
+    for flags, message in ((["--strategy", "ddp"], "needs --compile and --device cuda"),
+                           (["--compile", "--device", "cuda", "--strategy", "fsdp"], "does not work with --strategy fsdp"),
+                           (["--compile", "--device", "cuda"], "add --strategy ddp")):
+        run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "c"), "--cuda-graphs", *flags, "-q"])
+        assert run.exit_code == 2 and message in run.output, (flags, run.output)
+        assert not (tmp_path / "c").exists()                    # refused before anything is written
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
     assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
     with pytest.raises(Exception, match="does not split over 3 processes"):

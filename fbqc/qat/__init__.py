@@ -13,7 +13,8 @@ from .load import LoadTrainedState
 from .ops import fake_quant_act_dynamic
 from .schedule import NAMED, Phase, Schedule, split_steps
 from .student import bits_buffers, set_bits, training_view
-from .train import TrainConfig, TrainResult, kd_loss, train, train_modules
+from .config import TrainConfig
+from .train import TrainResult, kd_loss, train, train_modules
 
 __all__ = ["train", "train_modules", "TrainConfig", "TrainResult", "Schedule", "Phase", "NAMED", "split_steps",
            "bits_buffers", "set_bits", "training_view", "kd_loss", "fake_quant_act_dynamic",

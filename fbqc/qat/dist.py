@@ -160,6 +160,8 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
         for block in blocks:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
+        for block, after in zip(blocks, blocks[1:]):     # gather block i+1 while block i computes, also
+            block.set_modules_to_forward_prefetch([after])   # when the CPU is not far ahead of the GPU
         return model
     if strategy == "ddp":
         if not trainable or world.size == 1:
@@ -168,7 +170,8 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   gradient_as_bucket_view=True,           # gradients live in the buckets: no second copy
-                  bucket_cap_mb=DDP_BUCKET_MB)
+                  bucket_cap_mb=DDP_BUCKET_MB,
+                  broadcast_buffers=False)    # the bit-width buffers: every process writes the same schedule
         if bf16:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

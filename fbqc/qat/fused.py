@@ -22,16 +22,21 @@ from .ops import dynamic_act_value
 __all__ = ["fq_weight", "fq_act", "fq_act_dynamic", "compile_options"]
 
 
-def compile_options() -> dict:
+def compile_options(cuda_graphs: bool = False) -> dict:
     """``torch.compile`` options that keep the fused kernels bit-identical to the ops: Triton's
     ``x / y`` is approximate (``div.full.f32``) and moves ``round(w / S)`` across rounding boundaries;
-    IEEE division (``div.rn``) is what eager computes. Empty where inductor lacks the switch."""
+    IEEE division (``div.rn``) is what eager computes. Empty where inductor lacks the switch.
+
+    ``cuda_graphs``: each compiled graph is replayed as a CUDA graph (``triton.cudagraphs``, inductor's
+    cudagraph trees): a step's kernels cost no CPU launch time; the caller marks each step's start
+    (``torch.compiler.cudagraph_mark_step_begin``)."""
     try:
         from torch._inductor import config
     except ImportError:                               # pragma: no cover - torch without inductor
         return {}
     numerics = getattr(config, "eager_numerics", None)
-    return {"eager_numerics.division_rounding": True} if hasattr(numerics, "division_rounding") else {}
+    return {**({"eager_numerics.division_rounding": True} if hasattr(numerics, "division_rounding") else {}),
+            **({"triton.cudagraphs": True} if cuda_graphs else {})}
 
 
 class _Weight(torch.autograd.Function):

@@ -22,7 +22,8 @@ from fbqc.pipeline import CompileOptions, build_passes, compile_model
 from . import checkpoint as ck
 from .load import LoadTrainedState
 from .schedule import Schedule
-from .train import EXECUTION, TrainConfig, TrainResult, train, train_modules
+from .config import EXECUTION, TrainConfig
+from .train import TrainResult, train, train_modules
 
 #: CompileOptions fields a run fixes (the student's annotation); the rest may differ at compile time
 RUN_FLAGS = ("bits", "scheme", "include", "exclude", "layer_bits", "a16", "preset", "checkpoint")

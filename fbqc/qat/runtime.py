@@ -107,33 +107,40 @@ class ModuleRuntime(_Runtime):
     kind = "module"
 
     def __init__(self, model: torch.nn.Module, specs: dict[str, QuantSpec], world: D.World, device: torch.device,
-                 *, strategy: str, act_quant: str, blocks_only: bool, compile: bool, checkpoint_blocks: bool,
-                 grad_reduce: str = "fp32", keep_params: bool = False):
+                 cfg: Any):
+        """``cfg``: the run's :class:`~fbqc.qat.train.TrainConfig` (strategy, act_quant, blocks_only,
+        compile, cuda_graphs, checkpoint_blocks, grad_reduce, fsdp_keep_params, fsdp_replicate_teacher)."""
+        strategy = cfg.strategy
         self.world, self.device, self.strategy = world, device, strategy
         model.eval()
         teacher = copy.deepcopy(model).requires_grad_(False)
-        quantize_modules(model, specs, act_quant)
-        trainable = _trainable(blocks_only)
+        quantize_modules(model, specs, cfg.act_quant)
+        trainable = _trainable(cfg.blocks_only)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
         self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
-        for m in (model, teacher):
-            if strategy != "fsdp":
+        bf16 = torch.bfloat16 if device.type == "cuda" else None        # the teacher's computing dtype
+        shard_teacher = strategy == "fsdp" and not cfg.fsdp_replicate_teacher
+        if strategy == "fsdp" and not shard_teacher and bf16:
+            for p in teacher.parameters():   # what FSDP's bf16 all-gather would hand it, held whole
+                p.data = p.data.to(bf16)
+        for m, sharded in ((model, strategy == "fsdp"), (teacher, shard_teacher)):
+            if not sharded:
                 m.to(device)          # fsdp: fully_shard moves each shard, never the whole model
             blocks = [b for _, b in block_modules(m)]
-            if checkpoint_blocks:
+            if cfg.checkpoint_blocks:
                 from torch.distributed._composable import checkpoint
 
                 for b in blocks:
                     checkpoint(b)
-            if compile:
+            if cfg.compile:
                 for b in blocks:
-                    b.compile(options=compile_options())
+                    b.compile(options=compile_options(cfg.cuda_graphs))
         self.model = model
         self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device, world,
-                              grad_reduce=grad_reduce, keep_params=keep_params)
-        self._teacher = D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
-                               trainable=False, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                              grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params)
+        self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
+                                trainable=False, param_dtype=bf16) if shard_teacher else teacher)
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
 

@@ -33,67 +33,13 @@ from fbqc.spec import QuantSpec
 from . import checkpoint as ck
 from . import dist as D
 from . import stream as S
+from .config import EXECUTION, TrainConfig
 from .plot import plot_loss
 from .profile import StepProfiler
 from .runtime import ModuleRuntime, ProgramRuntime, describe
 from .schedule import Schedule
-from .student import ACT_MODES, bits_buffers, check_student, default_scheduled, set_bits
+from .student import bits_buffers, check_student, default_scheduled, set_bits
 from .summary import summarize, summary_text
-
-
-#: settings a resumed run may change (where and how it runs, not what it computes)
-EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile", "profile", "grad_reduce", "fsdp_keep_params")
-
-
-@dataclass
-class TrainConfig:
-    schedule: str = "fractional"
-    steps: int = 1000
-    bits: float | None = None           # target: replaces the final 4 of a named schedule
-    lr: float = 1e-5
-    warmup: int = 0                     # linear warm-up steps, then constant
-    clip: float = 1.0                   # gradient-norm clipping (0: off)
-    weight_decay: float = 0.0
-    act_quant: str = "dynamic"          # dynamic per-sample | static (calibrated, frozen) | none
-    blocks_only: bool = True            # train only the parameters inside *blocks.N.
-    checkpoint_every: int = 100
-    device: str = "cpu"
-    seed: int = 0
-    compile: bool = False               # torch.compile the student (one graph for every bit-width)
-    autocast: bool | None = None        # bf16 autocast; None: on for CUDA
-    task_weight: float = 1.0
-    calib_samples: int = 16             # act_quant="static": samples calibrated before training
-    nproc: int = 1                      # processes (torchrun); > 1 or a strategy: the module student
-    strategy: str = "auto"              # auto (nproc 1: program student; else ddp) | ddp | fsdp
-    checkpoint_blocks: bool = False     # module student: activation checkpointing per block
-    batch: int = 1                      # module student: data samples concatenated into one global batch
-    profile: bool = False               # profiler over steps 6–8, written to RUN/profile/
-    grad_reduce: str = "fp32"           # module student, > 1 process: gradients averaged in fp32 | bf16
-    fsdp_keep_params: bool = False      # fsdp: gathered parameters kept from forward to backward
-
-    def check(self) -> None:
-        if self.act_quant not in ACT_MODES:
-            raise ValueError(f"--act-quant must be one of {', '.join(ACT_MODES)}, got {self.act_quant!r}")
-        for k in ("lr", "clip", "weight_decay"):
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"--{k.replace('_', '-')} must be a finite number ≥ 0, got {v}")
-        if self.warmup < 0 or self.checkpoint_every < 0:
-            raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
-        D.check_grad_reduce(self.grad_reduce, self.device)
-        if self.fsdp_keep_params and self.strategy != "fsdp":
-            raise ValueError("--fsdp-keep-params needs --strategy fsdp")
-        if self.strategy not in D.STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(D.STRATEGIES)}, got {self.strategy!r}")
-        if self.nproc < 1 or self.batch < 1:
-            raise ValueError(f"--nproc and --batch must be ≥ 1, got {self.nproc} and {self.batch}")
-        if self.batch > 1 and not self.module_student:
-            raise ValueError("--batch > 1 needs the module student (--strategy ddp|fsdp): the program "
-                             "student trains at the exported batch")
-
-    @property
-    def module_student(self) -> bool:
-        return self.strategy != "auto" or self.nproc > 1
 
 
 @dataclass
@@ -191,7 +137,6 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
         config["strategy"] = "ddp"                  # recorded: a resume on one process stays a module run
     cfg = TrainConfig(schedule=schedule, steps=steps, **config)
     cfg.check()
-    strategy = cfg.strategy
     if cfg.act_quant == "static":
         raise ValueError("--act-quant static needs the program student (--nproc 1, no --strategy)")
     sched = Schedule.parse(cfg.schedule, cfg.steps, cfg.bits)
@@ -201,10 +146,7 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
     torch.manual_seed(cfg.seed)     # the same float model and teacher copy on every process
 
     def runtime():
-        return ModuleRuntime(model, specs, world, device, strategy=strategy, act_quant=cfg.act_quant,
-                             blocks_only=cfg.blocks_only, compile=cfg.compile,
-                             checkpoint_blocks=cfg.checkpoint_blocks, grad_reduce=cfg.grad_reduce,
-                             keep_params=cfg.fsdp_keep_params)
+        return ModuleRuntime(model, specs, world, device, cfg)
 
     factory, note = S.source(data, data_note, example_inputs, cfg.seed)
     try:
@@ -306,6 +248,8 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                 current = bits
             n, sample = next(batches)
             position += n
+            if cfg.cuda_graphs:                                 # last step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             sample = rt.prepare(sample)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for g in opt.param_groups:
@@ -316,10 +260,10 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                 pred = rt.student(**sample)
                 kd = kd_loss(pred, target)
                 loss = kd + cfg.task_weight * task_loss(sample, pred) if task_loss else kd
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = rt.clip(cfg.clip)                            # a tensor: read when recorded
             opt.step()
+            opt.zero_grad(set_to_none=True)                     # freed before the next forward
             # the values are read one step later (no host sync between steps: the CPU queues step
             # N+1 while the GPU runs step N); a non-finite loss still stops the run, a step late
             row = {"step": step + 1, "bits": bits, "lr": lr}

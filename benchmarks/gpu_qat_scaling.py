@@ -20,6 +20,7 @@ each run is stopped once its log has ``--steps`` rows (the final checkpoint is n
     fsdp-keep       FSDP2 keeping the gathered parameters until backward (``--fsdp-keep-params``)
     fsdp-keep-bf16  the same, gradients reduce-scattered in bf16
     fsdp-keep-rt    fsdp-keep with a whole bf16 teacher per GPU (``--fsdp-replicate-teacher``)
+    fsdp-keep-rt-u4 the same with 4 blocks per FSDP2 unit (``--fsdp-unit 4``)
     NAME-cg         any of them with ``--cuda-graphs`` (compiled blocks replayed as CUDA graphs), against
                     a one-GPU baseline with CUDA graphs too ("1 GPU-cg")
     NAME@VAR=V+…    any of them with these environment variables set (NCCL settings: ``ddp-cg@NCCL_MAX_CTAS=8``)
@@ -47,6 +48,7 @@ CONFIGS = {
     "fsdp-keep": ["--strategy", "fsdp", "--fsdp-keep-params"],
     "fsdp-keep-bf16": ["--strategy", "fsdp", "--fsdp-keep-params", "--grad-reduce", "bf16"],
     "fsdp-keep-rt": ["--strategy", "fsdp", "--fsdp-keep-params", "--fsdp-replicate-teacher"],
+    "fsdp-keep-rt-u4": ["--strategy", "fsdp", "--fsdp-keep-params", "--fsdp-replicate-teacher", "--fsdp-unit", "4"],
 }
 
 

@@ -98,9 +98,12 @@ def test_fsdp_resumes_on_another_process_count_and_compiles(tmp_path):
         assert f"rank {rank}" in table and "aten::" in table and "Self CPU" in table
         trace = json.loads((tmp_path / "whole" / "profile" / f"rank{rank}.trace.json").read_text())
         assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
-    fbqc_train(str(toy), "-o", "rt", "--nproc", "2", "--strategy", "fsdp", "--fsdp-keep-params",
-               "--fsdp-replicate-teacher", *COMMON, cwd=tmp_path)     # a whole teacher per process: same math
+    fbqc_train(str(toy), "-o", "rt", "--nproc", "2", "--strategy", "fsdp", "--fsdp-keep-params",   # same math:
+               "--fsdp-replicate-teacher", "--fsdp-unit", "2", *COMMON, cwd=tmp_path)   # whole teacher, 2-block units
     assert losses(tmp_path / "rt") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    ddp = fbqc_train(str(toy), "-o", "ddp", "--nproc", "2", "--strategy", "ddp", *COMMON, cwd=tmp_path)
+    assert ddp["strategy"] == "ddp"     # FSDP2 (optimizer and clipping on the local shards) computes what DDP does
+    assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "fbqc.cli", "train", str(toy), "-o", "cut", "--nproc", "2",
                         "--strategy", "fsdp", "--stop-after", "3", *COMMON], cwd=tmp_path, env=env,
@@ -135,6 +138,8 @@ def test_errors_name_the_problem(tmp_path):
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "ddp",
                                     "--fsdp-replicate-teacher", "-q"])
     assert run.exit_code == 2 and "--fsdp-replicate-teacher needs --strategy fsdp" in run.output
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--fsdp-unit", "2", "-q"])
+    assert run.exit_code == 2 and "--fsdp-unit needs --strategy fsdp" in run.output
     for flags, message in ((["--strategy", "ddp"], "needs --compile and --device cuda"),
                            (["--compile", "--device", "cuda", "--strategy", "fsdp"], "does not work with --strategy fsdp"),
                            (["--compile", "--device", "cuda"], "add --strategy ddp")):

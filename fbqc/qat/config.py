@@ -14,7 +14,7 @@ from .student import ACT_MODES
 
 #: settings a resumed run may change (where and how it runs, not what it computes)
 EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile", "profile", "grad_reduce", "fsdp_keep_params",
-             "fsdp_replicate_teacher", "cuda_graphs")
+             "fsdp_replicate_teacher", "fsdp_unit", "cuda_graphs")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TrainConfig:
     grad_reduce: str = "fp32"           # module student, > 1 process: gradients averaged in fp32 | bf16
     fsdp_keep_params: bool = False      # fsdp: gathered parameters kept from forward to backward
     fsdp_replicate_teacher: bool = False  # fsdp: a whole (bf16 on CUDA) teacher per process, not sharded
+    fsdp_unit: int = 1                  # fsdp: consecutive transformer blocks per FSDP2 unit
     cuda_graphs: bool = False           # compile: replay the compiled graphs as CUDA graphs
 
     def check(self) -> None:
@@ -55,9 +56,12 @@ class TrainConfig:
         if self.warmup < 0 or self.checkpoint_every < 0:
             raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
         D.check_grad_reduce(self.grad_reduce, self.device)
-        for flag in ("fsdp_keep_params", "fsdp_replicate_teacher"):
-            if getattr(self, flag) and self.strategy != "fsdp":
-                raise ValueError(f"--{flag.replace('_', '-')} needs --strategy fsdp")
+        if self.fsdp_unit < 1:
+            raise ValueError(f"--fsdp-unit must be ≥ 1, got {self.fsdp_unit}")
+        for flag, on in (("fsdp-keep-params", self.fsdp_keep_params),
+                         ("fsdp-replicate-teacher", self.fsdp_replicate_teacher), ("fsdp-unit", self.fsdp_unit != 1)):
+            if on and self.strategy != "fsdp":
+                raise ValueError(f"--{flag} needs --strategy fsdp")
         if self.cuda_graphs and not (self.compile and self.device.startswith("cuda")):
             raise ValueError("--cuda-graphs replays the compiled graphs on the GPU: it needs --compile and "
                              "--device cuda")

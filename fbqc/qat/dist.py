@@ -135,7 +135,7 @@ def check_grad_reduce(grad_reduce: str, device: str) -> None:
 
 def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, device: torch.device, world: World,
          *, trainable: bool = True, param_dtype: torch.dtype | None = None, grad_reduce: str = "fp32",
-         keep_params: bool = False) -> torch.nn.Module:
+         keep_params: bool = False, unit: int = 1) -> torch.nn.Module:
     """``model`` wrapped for ``strategy`` (ddp | fsdp); a frozen model (``trainable=False``) is only
     sharded (fsdp) or left as it is (ddp: a replica per process).
 
@@ -145,6 +145,8 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
       traffic; each process's own gradient and the optimizer stay fp32).
     - ``keep_params`` (fsdp): keep each block's gathered parameters from forward to backward
       (``reshard_after_forward=False``): no second all-gather in backward, more memory.
+    - ``unit`` (fsdp): consecutive blocks per FSDP2 unit (one all-gather and one reduce-scatter each):
+      fewer, larger collectives and hooks, coarser overlap.
 
     DDP over one process is no wrapper at all (it would only copy gradients into buckets).
     """
@@ -157,11 +159,14 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
             param_dtype=param_dtype, reduce_dtype=torch.bfloat16 if bf16 else None)}
         if trainable and keep_params:
             kw["reshard_after_forward"] = False
-        for block in blocks:
-            fully_shard(block, **kw)
+        if unit < 1:
+            raise ValueError(f"--fsdp-unit must be ≥ 1, got {unit}")
+        units = [blocks[i:i + unit] for i in range(0, len(blocks), unit)]
+        for group in units:
+            fully_shard(group if len(group) > 1 else group[0], **kw)
         fully_shard(model, **kw)
-        for block, after in zip(blocks, blocks[1:]):     # gather block i+1 while block i computes, also
-            block.set_modules_to_forward_prefetch([after])   # when the CPU is not far ahead of the GPU
+        for group, after in zip(units, units[1:]):       # gather unit i+1 while unit i computes, also
+            group[0].set_modules_to_forward_prefetch([after[0]])   # when the CPU is not far ahead
         return model
     if strategy == "ddp":
         if not trainable or world.size == 1:

@@ -21,6 +21,7 @@ from . import checkpoint as ck
 from . import dist as D
 from .fused import compile_options
 from .modules import block_modules, module_bits, quantize_modules
+from .shards import LocalShardAdamW, clip_local
 from .student import BLOCKS, bits_buffers, own_parameters, retarget, training_view
 
 
@@ -109,7 +110,8 @@ class ModuleRuntime(_Runtime):
     def __init__(self, model: torch.nn.Module, specs: dict[str, QuantSpec], world: D.World, device: torch.device,
                  cfg: Any):
         """``cfg``: the run's :class:`~fbqc.qat.train.TrainConfig` (strategy, act_quant, blocks_only,
-        compile, cuda_graphs, checkpoint_blocks, grad_reduce, fsdp_keep_params, fsdp_replicate_teacher)."""
+        compile, cuda_graphs, checkpoint_blocks, grad_reduce, fsdp_keep_params, fsdp_replicate_teacher,
+        fsdp_unit)."""
         strategy = cfg.strategy
         self.world, self.device, self.strategy = world, device, strategy
         model.eval()
@@ -138,11 +140,23 @@ class ModuleRuntime(_Runtime):
                     b.compile(options=compile_options(cfg.cuda_graphs))
         self.model = model
         self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device, world,
-                              grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params)
+                              grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params, unit=cfg.fsdp_unit)
         self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
-                                trainable=False, param_dtype=bf16) if shard_teacher else teacher)
+                                trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit) if shard_teacher
+                         else teacher)
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        if self.strategy != "fsdp":
+            return super().optimizer(lr, weight_decay)
+        return LocalShardAdamW(self.params, lr=lr, weight_decay=weight_decay,       # no DTensor dispatch
+                               **({"fused": True} if self.device.type == "cuda" else {}))
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        if self.strategy != "fsdp":
+            return super().clip(max_norm)
+        return clip_local(self.params, max_norm if max_norm else math.inf)
 
     def student(self, **sample):
         return self.wrapped(**sample, **self.kwargs)

@@ -41,13 +41,17 @@ class _Runtime:
     device: torch.device
     params: list[torch.nn.Parameter]
 
+    sharded = False                  # FSDP2: the update and the clipping run on the local shards
+
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
-                                 **({"fused": True} if self.device.type == "cuda" else {}))
+        adamw = LocalShardAdamW if self.sharded else torch.optim.AdamW
+        return adamw(self.params, lr=lr, weight_decay=weight_decay,
+                     **({"fused": True} if self.device.type == "cuda" else {}))
 
     def clip(self, max_norm: float) -> torch.Tensor:
-        """Clip the gradients' total norm; returns it (a tensor, or a DTensor under FSDP2)."""
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else math.inf)
+        """Clip the gradients' total norm; returns it (a tensor)."""
+        clip = clip_local if self.sharded else torch.nn.utils.clip_grad_norm_
+        return clip(self.params, max_norm if max_norm else math.inf)
 
     def stage(self, sample: dict, shard: bool = True) -> dict:
         """This process's slice of a global batch (``shard=False``: ``sample`` is already its own
@@ -109,11 +113,12 @@ class ModuleRuntime(_Runtime):
 
     def __init__(self, model: torch.nn.Module, specs: dict[str, QuantSpec], world: D.World, device: torch.device,
                  cfg: Any):
-        """``cfg``: the run's :class:`~fbqc.qat.train.TrainConfig` (strategy, act_quant, blocks_only,
+        """``cfg``: the run's :class:`~fbqc.qat.config.TrainConfig` (strategy, act_quant, blocks_only,
         compile, cuda_graphs, checkpoint_blocks, grad_reduce, fsdp_keep_params, fsdp_replicate_teacher,
         fsdp_unit)."""
         strategy = cfg.strategy
         self.world, self.device, self.strategy = world, device, strategy
+        self.sharded = strategy == "fsdp"
         model.eval()
         teacher = copy.deepcopy(model).requires_grad_(False)
         quantize_modules(model, specs, cfg.act_quant)
@@ -146,17 +151,6 @@ class ModuleRuntime(_Runtime):
                          else teacher)
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
-
-    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        if self.strategy != "fsdp":
-            return super().optimizer(lr, weight_decay)
-        return LocalShardAdamW(self.params, lr=lr, weight_decay=weight_decay,       # no DTensor dispatch
-                               **({"fused": True} if self.device.type == "cuda" else {}))
-
-    def clip(self, max_norm: float) -> torch.Tensor:
-        if self.strategy != "fsdp":
-            return super().clip(max_norm)
-        return clip_local(self.params, max_norm if max_norm else math.inf)
 
     def student(self, **sample):
         return self.wrapped(**sample, **self.kwargs)

@@ -214,9 +214,8 @@ class Pending:
     cross-process mean is queued on the device (NCCL) and copied to the host asynchronously, so the
     CPU can queue the next step while the GPU finishes this one."""
 
-    def __init__(self, world: World, loss: torch.Tensor, kd: torch.Tensor, norm) -> None:
-        full = getattr(norm, "full_tensor", None)
-        norm = (full() if full is not None else norm).detach().float().reshape(1)
+    def __init__(self, world: World, loss: torch.Tensor, kd: torch.Tensor, norm: torch.Tensor) -> None:
+        norm = norm.detach().float().reshape(1)        # a plain tensor, also under FSDP2 (clip_local)
         means = torch.stack([loss.detach().float(), kd.detach().float()])
         if world.size > 1:
             dist.all_reduce(means, op=dist.ReduceOp.SUM)
@@ -235,9 +234,3 @@ class Pending:
             self.event.synchronize()
         loss, kd, norm = self.values.tolist()
         return loss, kd, norm
-
-
-def total_norm(value) -> float:
-    """``clip_grad_norm_``'s result as a float (FSDP2 returns a DTensor)."""
-    full = getattr(value, "full_tensor", None)
-    return float(full() if full is not None else value)

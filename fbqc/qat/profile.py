@@ -50,17 +50,12 @@ class StepProfiler:
         key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=50)
         steps = max(0, min(ACTIVE, self.count - self.skip - 1))      # fewer if the run ended inside
-        (self.out / f"rank{self.rank}.txt").write_text(
-            f"{steps} profiled steps, rank {self.rank}, sorted by {key}\n{table}\n")
         trace = self.out / f"rank{self.rank}.trace.json"
         prof.export_chrome_trace(str(trace))
-        if self.cuda:
-            t = timeline(json.loads(trace.read_text()), steps)
-            if t:
-                with open(self.out / f"rank{self.rank}.txt", "r+") as f:
-                    body = f.read()
-                    f.seek(0)
-                    f.write(timeline_text(t) + "\n\n" + body)
+        t = timeline(json.loads(trace.read_text()), steps) if self.cuda else None
+        (self.out / f"rank{self.rank}.txt").write_text(
+            (timeline_text(t) + "\n\n" if t else "")
+            + f"{steps} profiled steps, rank {self.rank}, sorted by {key}\n{table}\n")
         self.written = True
         if self.rank == 0:
             self.log(f"profile of {steps} steps written to {self.out}/rank*.txt and rank*.trace.json")

@@ -127,11 +127,11 @@ class ModuleRuntime(_Runtime):
             p.requires_grad_(trainable(name))
         self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
         bf16 = torch.bfloat16 if device.type == "cuda" else None        # the teacher's computing dtype
-        shard_teacher = strategy == "fsdp" and not cfg.fsdp_replicate_teacher
-        if strategy == "fsdp" and not shard_teacher and bf16:
+        shard_teacher = self.sharded and not cfg.fsdp_replicate_teacher
+        if self.sharded and not shard_teacher and bf16:
             for p in teacher.parameters():   # what FSDP's bf16 all-gather would hand it, held whole
                 p.data = p.data.to(bf16)
-        for m, sharded in ((model, strategy == "fsdp"), (teacher, shard_teacher)):
+        for m, sharded in ((model, self.sharded), (teacher, shard_teacher)):
             if not sharded:
                 m.to(device)          # fsdp: fully_shard moves each shard, never the whole model
             blocks = [b for _, b in block_modules(m)]

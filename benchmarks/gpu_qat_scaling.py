@@ -11,7 +11,9 @@ per-GPU batch; a configuration with N GPUs trains N times that global batch, so
 
     throughput ratio = (N × baseline s/step) / (s/step)         (≥ 1.8 on 2 GPUs is the target)
 
-Step time is the mean over the logged steps after ``--skip`` (compilation happens in the first two);
+Step time is the mean over the logged steps after ``--skip`` (compilation happens in the first two),
+and the median of their intervals beside it (``× median``: the same ratio of medians, which one stall
+of the host — a 1.2 s step seen once in 22 — does not move);
 each run is stopped once its log has ``--steps`` rows (the final checkpoint is not timed). Configs:
 
     ddp             DistributedDataParallel, gradients averaged in fp32
@@ -20,7 +22,8 @@ each run is stopped once its log has ``--steps`` rows (the final checkpoint is n
     fsdp-keep       FSDP2 keeping the gathered parameters until backward (``--fsdp-keep-params``)
     fsdp-keep-bf16  the same, gradients reduce-scattered in bf16
     fsdp-keep-rt    fsdp-keep with a whole bf16 teacher per GPU (``--fsdp-replicate-teacher``)
-    fsdp-keep-rt-u4 the same with 4 blocks per FSDP2 unit (``--fsdp-unit 4``)
+    NAME-uK         an fsdp config with K blocks per FSDP2 unit (``--fsdp-unit K``): fsdp-keep-rt-u4
+    NAME-bMB        a ddp config with MB-megabyte gradient buckets (``--ddp-bucket-mb MB``): ddp-b25-cg
     NAME-cg         any of them with ``--cuda-graphs`` (compiled blocks replayed as CUDA graphs), against
                     a one-GPU baseline with CUDA graphs too ("1 GPU-cg")
     NAME@VAR=V+…    any of them with these environment variables set (NCCL settings: ``ddp-cg@NCCL_MAX_CTAS=8``)
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -48,20 +52,22 @@ CONFIGS = {
     "fsdp-keep": ["--strategy", "fsdp", "--fsdp-keep-params"],
     "fsdp-keep-bf16": ["--strategy", "fsdp", "--fsdp-keep-params", "--grad-reduce", "bf16"],
     "fsdp-keep-rt": ["--strategy", "fsdp", "--fsdp-keep-params", "--fsdp-replicate-teacher"],
-    "fsdp-keep-rt-u4": ["--strategy", "fsdp", "--fsdp-keep-params", "--fsdp-replicate-teacher", "--fsdp-unit", "4"],
 }
+#: NAME, then optional modifiers: -uK (K blocks per FSDP2 unit), -bMB (DDP bucket size), -cg, @VAR=V+VAR=V
+SYNTAX = re.compile(r"(?P<base>[a-z0-9-]+?)(?:-u(?P<unit>\d+))?(?:-b(?P<mb>\d+))?(?P<cg>-cg)?(?:@(?P<env>.*))?")
 
 
 def parse(config: str) -> tuple[list[str], dict[str, str], bool]:
-    """``NAME[-cg][@VAR=V+VAR=V]`` → (fbqc train flags, environment, CUDA graphs)."""
-    name, _, env = config.partition("@")
-    base, cg = (name[:-3], True) if name.endswith("-cg") else (name, False)
-    if base not in CONFIGS:
-        raise KeyError(base)
-    pairs = [e.partition("=") for e in env.split("+") if e]
+    """``NAME[-uK][-bMB][-cg][@VAR=V+VAR=V]`` → (fbqc train flags, environment, CUDA graphs)."""
+    m = SYNTAX.fullmatch(config)
+    if m is None or m["base"] not in CONFIGS:
+        raise KeyError(config)
+    pairs = [e.partition("=") for e in (m["env"] or "").split("+") if e]
     if any(not k or not eq for k, eq, _ in pairs):
         raise KeyError(config)
-    return [*CONFIGS[base], *(["--cuda-graphs"] if cg else [])], {k: v for k, _, v in pairs}, cg
+    flags = [*CONFIGS[m["base"]], *(["--fsdp-unit", m["unit"]] if m["unit"] else []),
+             *(["--ddp-bucket-mb", m["mb"]] if m["mb"] else []), *(["--cuda-graphs"] if m["cg"] else [])]
+    return flags, {k: v for k, _, v in pairs}, bool(m["cg"])
 
 
 def rows_of(log: Path) -> list[dict]:
@@ -144,8 +150,8 @@ def main(argv=None) -> int:
         except KeyError:
             unknown.append(c)
     if unknown:
-        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)} (each also as NAME-cg, "
-                 f"and with @VAR=VALUE+VAR=VALUE)")
+        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)} (each also with the "
+                 f"modifiers -uK, -bMB, -cg, @VAR=VALUE+VAR=VALUE, in this order)")
     if args.device == "cuda":
         import torch
 
@@ -167,20 +173,22 @@ def main(argv=None) -> int:
                 Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": results},
                                                       indent=2))
     cuda_graphs = lambda r: r["config"].partition("@")[0].endswith("-cg")      # noqa: E731
-    base = {cuda_graphs(r): r.get("step_s") for r in results if r["processes"] == 1}
+    base = {cuda_graphs(r): r for r in results if r["processes"] == 1 and "step_s" in r}
     print(f"\nQAT throughput — {device}; {args.preset} preset, {args.batch} samples per GPU, W{args.bits:g} "
           f"+ A8 dynamic, fbqc train{' --compile' if args.compile else ''}; mean over steps {args.skip + 1}–{args.steps}")
     print(f"{'config':24s} {'GPUs':>4s} {'batch':>5s} {'s/step':>8s} {'median':>8s} {'samples/s':>10s} "
-          f"{'× 1 GPU':>8s} {'peak GiB':>9s}")
+          f"{'× 1 GPU':>8s} {'× median':>8s} {'peak GiB':>9s}")
     for r in results:
         if "step_s" not in r:
             print(f"{r['config']:24s} {r['processes']:4d} {r['global_batch']:5d}   failed ({r['steps']} steps)")
             continue
         r["samples_per_s"] = r["global_batch"] / r["step_s"]
         b = base.get(cuda_graphs(r))
-        r["throughput_ratio"] = r["processes"] * b / r["step_s"] if b else None
+        r["throughput_ratio"] = r["processes"] * b["step_s"] / r["step_s"] if b else None
+        r["median_ratio"] = r["processes"] * b["median_s"] / r["median_s"] if b else None
         print(f"{r['config']:24s} {r['processes']:4d} {r['global_batch']:5d} {r['step_s']:8.4f} "
               f"{r['median_s']:8.4f} {r['samples_per_s']:10.2f} {r['throughput_ratio'] or float('nan'):8.2f} "
+              f"{r['median_ratio'] or float('nan'):8.2f} "
               f"{r['peak_gib'] if r['peak_gib'] is not None else float('nan'):9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": results}, indent=2))

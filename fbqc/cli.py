@@ -235,6 +235,9 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
               "in each process instead of a sharded one (no teacher all-gathers; more memory).")
 @click.option("--fsdp-unit", type=click.IntRange(min=1), default=1, show_default=True,
               help="FSDP2: consecutive transformer blocks per unit (fewer, larger collectives and hooks).")
+@click.option("--ddp-bucket-mb", type=click.FloatRange(min=0, min_open=True), default=400, show_default=True,
+              help="DDP: size of the gradient buckets all-reduced while backward runs (smaller: an earlier "
+              "start and a shorter tail; larger: fewer collectives).")
 @click.option("--cuda-graphs", is_flag=True, help="With --compile on CUDA: replay the compiled graphs as "
               "CUDA graphs (no CPU launch cost per kernel; more memory).")
 @click.option("--profile", "use_profile", is_flag=True, help="Profile steps 6–8 (PyTorch profiler) into "
@@ -246,7 +249,7 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
 def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
           act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
           include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, grad_reduce,
-          fsdp_keep_params, fsdp_replicate_teacher, fsdp_unit, cuda_graphs, use_profile, stop_after, quiet, as_json):
+          fsdp_keep_params, fsdp_replicate_teacher, fsdp_unit, ddp_bucket_mb, cuda_graphs, use_profile, stop_after, quiet, as_json):
     """Scheduled fractional-bit QAT of MODEL_FILE, distilled from its float model (resumable).
 
     With --nproc N (N > 1) fbqc re-launches itself in N processes through torchrun.

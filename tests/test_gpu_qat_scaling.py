@@ -29,12 +29,13 @@ def test_scaling_benchmark_smoke(tmp_path):
     assert (base["processes"], base["global_batch"]) == (1, 2) and (ddp["processes"], ddp["global_batch"]) == (2, 4)
     assert base["steps"] == ddp["steps"] == 10                  # stopped after the asked steps
     assert ddp["throughput_ratio"] == pytest.approx(2 * base["step_s"] / ddp["step_s"])
+    assert ddp["median_ratio"] == pytest.approx(2 * base["median_s"] / ddp["median_s"])
     assert ddp["samples_per_s"] == pytest.approx(4 / ddp["step_s"])
     for r in (base, ddp):                                        # the mean over the timed steps' intervals
         assert len(r["deltas"]) == 10 - 2 - 1
         assert r["step_s"] == pytest.approx(statistics.mean(r["deltas"]), abs=1e-3)
         assert r["median_s"] == pytest.approx(statistics.median(r["deltas"]), abs=1e-3)
-    assert "ddp" in p.stdout and "× 1 GPU" in p.stdout
+    assert "ddp" in p.stdout and "× 1 GPU" in p.stdout and "× median" in p.stdout
     tables = sorted(f.name for f in (tmp_path / "prof").iterdir())
     assert tables == ["1-GPU-rank0.txt", "ddp-rank0.txt", "ddp-rank1.txt"]
     assert "DistributedDataParallel.forward" in (tmp_path / "prof" / "ddp-rank0.txt").read_text()
@@ -49,6 +50,11 @@ def test_config_names():
     assert bench.parse("ddp-bf16-cg@NCCL_MAX_CTAS=8+NCCL_PROTO=Simple") == (
         ["--strategy", "ddp", "--grad-reduce", "bf16", "--cuda-graphs"],
         {"NCCL_MAX_CTAS": "8", "NCCL_PROTO": "Simple"}, True)
-    for bad in ("dp", "ddp@NCCL_MAX_CTAS", "ddp@=1"):
+    assert bench.parse("fsdp-keep-rt-u4")[0] == ["--strategy", "fsdp", "--fsdp-keep-params",
+                                                 "--fsdp-replicate-teacher", "--fsdp-unit", "4"]
+    assert bench.parse("ddp-bf16-b25-cg@NCCL_PROTO=Simple") == (
+        ["--strategy", "ddp", "--grad-reduce", "bf16", "--ddp-bucket-mb", "25", "--cuda-graphs"],
+        {"NCCL_PROTO": "Simple"}, True)
+    for bad in ("dp", "ddp@NCCL_MAX_CTAS", "ddp@=1", "ddp-u", "ddp-cg-b25", "fsdp-keep-x4"):
         with pytest.raises(KeyError):
             bench.parse(bad)

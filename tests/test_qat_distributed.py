@@ -72,7 +72,8 @@ def test_two_processes_follow_one_process(tmp_path):
     loss trajectory up to float reduction order; a different batch gives a different one."""
     toy = toy_file(tmp_path)
     one = fbqc_train(str(toy), "-o", "one", "--strategy", "ddp", *COMMON, cwd=tmp_path)
-    two = fbqc_train(str(toy), "-o", "two", "--nproc", "2", *COMMON, cwd=tmp_path)
+    two = fbqc_train(str(toy), "-o", "two", "--nproc", "2", "--ddp-bucket-mb", "0.002", *COMMON,
+                     cwd=tmp_path)                          # 2 kB buckets: several all-reduces (from step 2)
     assert one["student"] == two["student"] == "module" and two["processes"] == 2
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
@@ -81,7 +82,8 @@ def test_two_processes_follow_one_process(tmp_path):
     assert a[0] == pytest.approx(b[0], rel=1e-4)
     assert b == pytest.approx(a, rel=1e-2)
     assert max(a) > 2 * min(a)                                          # the trajectory moves
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["train"]["strategy"] == "ddp"
+    settings = json.loads((tmp_path / "two" / "run.json").read_text())["train"]
+    assert settings["strategy"] == "ddp" and settings["ddp_bucket_mb"] == 0.002
     prog = fbqc_train(str(toy), "-o", "prog", *COMMON, cwd=tmp_path)  # the program student, 1 process
     assert prog["student"] == "program"
     assert losses(tmp_path / "prog") == pytest.approx(a, rel=1e-2)      # same math, other machinery
@@ -140,6 +142,11 @@ def test_errors_name_the_problem(tmp_path):
     assert run.exit_code == 2 and "--fsdp-replicate-teacher needs --strategy fsdp" in run.output
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--fsdp-unit", "2", "-q"])
     assert run.exit_code == 2 and "--fsdp-unit needs --strategy fsdp" in run.output
+    run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "fsdp",
+                                    "--ddp-bucket-mb", "25", "-q"])
+    assert run.exit_code == 2 and "--ddp-bucket-mb sizes DistributedDataParallel's" in run.output
+    from fbqc.qat.dist import DDP_BUCKET_MB
+    assert next(p.default for p in main.commands["train"].params if p.name == "ddp_bucket_mb") == DDP_BUCKET_MB
     for flags, message in ((["--strategy", "ddp"], "needs --compile and --device cuda"),
                            (["--compile", "--device", "cuda", "--strategy", "fsdp"], "does not work with --strategy fsdp"),
                            (["--compile", "--device", "cuda"], "add --strategy ddp")):

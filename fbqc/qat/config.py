@@ -14,7 +14,7 @@ from .student import ACT_MODES
 
 #: settings a resumed run may change (where and how it runs, not what it computes)
 EXECUTION = ("nproc", "strategy", "checkpoint_blocks", "compile", "profile", "grad_reduce", "fsdp_keep_params",
-             "fsdp_replicate_teacher", "fsdp_unit", "cuda_graphs")
+             "fsdp_replicate_teacher", "fsdp_unit", "ddp_bucket_mb", "cuda_graphs")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class TrainConfig:
     fsdp_keep_params: bool = False      # fsdp: gathered parameters kept from forward to backward
     fsdp_replicate_teacher: bool = False  # fsdp: a whole (bf16 on CUDA) teacher per process, not sharded
     fsdp_unit: int = 1                  # fsdp: consecutive transformer blocks per FSDP2 unit
+    ddp_bucket_mb: float = D.DDP_BUCKET_MB  # ddp: gradients all-reduced in buckets of this size
     cuda_graphs: bool = False           # compile: replay the compiled graphs as CUDA graphs
 
     def check(self) -> None:
@@ -58,6 +59,11 @@ class TrainConfig:
         D.check_grad_reduce(self.grad_reduce, self.device)
         if self.fsdp_unit < 1:
             raise ValueError(f"--fsdp-unit must be ≥ 1, got {self.fsdp_unit}")
+        if not (math.isfinite(self.ddp_bucket_mb) and self.ddp_bucket_mb > 0):
+            raise ValueError(f"--ddp-bucket-mb must be a number > 0, got {self.ddp_bucket_mb}")
+        if self.ddp_bucket_mb != D.DDP_BUCKET_MB and (self.strategy == "fsdp" or not self.module_student):
+            raise ValueError("--ddp-bucket-mb sizes DistributedDataParallel's gradient buckets: it needs "
+                             "--strategy ddp (or --nproc > 1 with no --strategy)")
         for flag, on in (("fsdp-keep-params", self.fsdp_keep_params),
                          ("fsdp-replicate-teacher", self.fsdp_replicate_teacher), ("fsdp-unit", self.fsdp_unit != 1)):
             if on and self.strategy != "fsdp":

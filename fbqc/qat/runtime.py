@@ -115,7 +115,7 @@ class ModuleRuntime(_Runtime):
                  cfg: Any):
         """``cfg``: the run's :class:`~fbqc.qat.config.TrainConfig` (strategy, act_quant, blocks_only,
         compile, cuda_graphs, checkpoint_blocks, grad_reduce, fsdp_keep_params, fsdp_replicate_teacher,
-        fsdp_unit)."""
+        fsdp_unit, ddp_bucket_mb)."""
         strategy = cfg.strategy
         self.world, self.device, self.strategy = world, device, strategy
         self.sharded = strategy == "fsdp"
@@ -145,7 +145,8 @@ class ModuleRuntime(_Runtime):
                     b.compile(options=compile_options(cfg.cuda_graphs))
         self.model = model
         self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device, world,
-                              grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params, unit=cfg.fsdp_unit)
+                              grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params, unit=cfg.fsdp_unit,
+                              bucket_mb=cfg.ddp_bucket_mb)
         self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
                                 trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit) if shard_teacher
                          else teacher)

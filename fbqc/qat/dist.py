@@ -136,7 +136,7 @@ def check_grad_reduce(grad_reduce: str, device: str) -> None:
 
 def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, device: torch.device, world: World,
          *, trainable: bool = True, param_dtype: torch.dtype | None = None, grad_reduce: str = "fp32",
-         keep_params: bool = False, unit: int = 1, bucket_mb: float = 0) -> torch.nn.Module:
+         keep_params: bool = False, unit: int = 1, bucket_mb: float = DDP_BUCKET_MB) -> torch.nn.Module:
     """``model`` wrapped for ``strategy`` (ddp | fsdp); a frozen model (``trainable=False``) is only
     sharded (fsdp) or left as it is (ddp: a replica per process).
 
@@ -148,7 +148,7 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
       (``reshard_after_forward=False``): no second all-gather in backward, more memory.
     - ``unit`` (fsdp): consecutive blocks per FSDP2 unit (one all-gather and one reduce-scatter each):
       fewer, larger collectives and hooks, coarser overlap.
-    - ``bucket_mb`` (ddp): gradient bucket size (0: :data:`DDP_BUCKET_MB`).
+    - ``bucket_mb`` (ddp): gradient bucket size in MB.
 
     DDP over one process is no wrapper at all (it would only copy gradients into buckets).
     """
@@ -177,7 +177,7 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   gradient_as_bucket_view=True,           # gradients live in the buckets: no second copy
-                  bucket_cap_mb=bucket_mb or DDP_BUCKET_MB,
+                  bucket_cap_mb=bucket_mb,
                   broadcast_buffers=False)    # the bit-width buffers: every process writes the same schedule
         if bf16:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -15,6 +15,12 @@ the same for every variant. Variants:
     fused-fastdiv  fused, compiled without IEEE division (Triton's approximate x / y: not bit-exact)
     *-cg       the same with CUDA graphs (``triton.cudagraphs``: kernels replayed without CPU launch cost)
     *-eager    the same without torch.compile
+    *-tc       the same with ``fbqc train --teacher-cache``: the KD target is the teacher output recorded
+               in a capture (here: computed once before timing, held in pinned host memory and copied to
+               the device every step, as the data loader hands it over); no teacher is built or run
+
+``X-tc`` vs ``X`` in the same run is the teacher-cache saving (printed as a ratio, in the JSON as
+``teacher_cache_ratio``).
 
 Prints step time (median wall clock), GPU busy time (the kernels' own time, from the profiler) and
 peak memory per variant, their ratios to the baseline, the device, whether a
@@ -71,7 +77,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(name, build, x, args, device) -> dict:
+def teacher_output(base, x, device) -> torch.Tensor:
+    """The float teacher's output for ``x`` (bf16 autocast on CUDA, as in the step), on the host —
+    pinned on CUDA — as ``--teacher-cache`` reads it from a capture."""
+    teacher = copy.deepcopy(base).to(device).requires_grad_(False)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = teacher(**x, return_dict=False)[0].cpu()
+    del teacher
+    return out.pin_memory() if device.type == "cuda" else out
+
+
+def measure(name, build, x, args, device, cached=None) -> dict:
+    """``cached``: the recorded teacher output (``-tc`` variants: ``build`` made no teacher)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -80,13 +97,19 @@ def measure(name, build, x, args, device) -> dict:
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6,
                             fused=device.type == "cuda")
     amp = device.type == "cuda"
-    fixed = torch.randn_like(teacher(**x, return_dict=False)[0]) if not args.teacher else None
+    fixed = None
+    if not args.teacher and cached is None:
+        fixed = torch.randn_like(teacher(**x, return_dict=False)[0])
+    forwards, first = [], []
 
     def step():
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            if args.teacher:
+            if cached is not None:                          # --teacher-cache: the recorded output
+                target = cached.to(device, non_blocking=True)
+            elif args.teacher:
+                forwards.append(1)
                 with torch.no_grad():
                     target = teacher(**x, return_dict=False)[0]
             else:
@@ -96,6 +119,8 @@ def measure(name, build, x, args, device) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not first:
+            first.append(float(loss.detach()))             # the first step's loss (a sync, once)
         return loss
 
     t = time.perf_counter()
@@ -135,7 +160,8 @@ def measure(name, build, x, args, device) -> dict:
             print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile), file=sys.stderr)
     times.sort()
     row = {"variant": name, "step_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0], "gpu_busy_ms": busy,
-           "peak_gib": peak / 2**30, "warmup_s": warm_s, "new_graphs_on_bit_change": recompiled}
+           "peak_gib": peak / 2**30, "warmup_s": warm_s, "new_graphs_on_bit_change": recompiled,
+           "first_loss": first[0] if first else None, "teacher_forwards": len(forwards), "teacher_cache": cached is not None}
     del student, teacher, opt
     return row
 
@@ -170,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variants", default="baseline,fused,op,baseline-cg,fused-cg")
+    ap.add_argument("--variants", default="baseline,fused,op,baseline-cg,fused-cg,fused-tc,fused-cg-tc",
+                    help="comma-separated; suffix -tc: the --teacher-cache step (no teacher forward)")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="student step only (MSE to a fixed target) instead of the KD step")
     ap.add_argument("--scope", choices=["model", "blocks"], default="blocks",
@@ -189,9 +216,13 @@ def main(argv=None) -> int:
     specs = annotate_modules(base, AnnotateLinears(bits=args.bits))
     x = inputs(base, args.batch, device)
 
+    cached = teacher_output(base, x, device) if any(k.endswith("-tc") for k in args.variants.split(",")) else None
+
     def builder(kind: str):
+        tc, kind = kind.endswith("-tc"), kind.removesuffix("-tc")
+
         def build():
-            teacher = copy.deepcopy(base).to(device).requires_grad_(False)
+            teacher = None if tc else copy.deepcopy(base).to(device).requires_grad_(False)
             student = copy.deepcopy(base).to(device)
             bits = {}
             if kind.startswith(("fused", "op")):
@@ -200,14 +231,15 @@ def main(argv=None) -> int:
                 cg = kind.endswith("-cg")
                 student = compile_model(student, args.scope, exact=bool(bits) and "fastdiv" not in kind,
                                         cudagraphs=cg)
-                teacher = compile_model(teacher, args.scope, exact=False, cudagraphs=cg)   # float teacher
+                if teacher is not None:
+                    teacher = compile_model(teacher, args.scope, exact=False, cudagraphs=cg)   # float teacher
             return student, teacher, bits
         return build
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for kind in args.variants.split(","):
-        row = measure(kind, builder(kind), x, args, device)
+        row = measure(kind, builder(kind), x, args, device, cached if kind.endswith("-tc") else None)
         rows.append(row)
         print(f"  {kind:15s} {row['step_ms']:9.1f} ms/step  peak {row['peak_gib']:6.2f} GiB  "
               f"(warm-up {row['warmup_s']:.0f} s)", file=sys.stderr)
@@ -219,7 +251,9 @@ def main(argv=None) -> int:
           f"{'memory ×':>9s}  recompiles on bit change")
     fmt = lambda v, f=".3f": format(v, f) if v is not None else "-"   # noqa: E731
     for r in rows:
-        v = r["variant"]
+        v = r["variant"].removesuffix("-tc")
+        live = ref.get(v) if r["variant"].endswith("-tc") else None
+        r["teacher_cache_ratio"] = r["step_ms"] / live["step_ms"] if live else None
         b = ref.get("baseline-eager" if v.endswith("eager") else "baseline-cg" if v.endswith("-cg") else "baseline")
         r["time_ratio"] = r["step_ms"] / b["step_ms"] if b else None
         r["gpu_ratio"] = r["gpu_busy_ms"] / b["gpu_busy_ms"] if b and b["gpu_busy_ms"] else None
@@ -227,6 +261,11 @@ def main(argv=None) -> int:
         print(f"{r['variant']:16s} {r['step_ms']:9.1f} {fmt(r['gpu_busy_ms'], '.1f'):>8s} {r['peak_gib']:9.2f} "
               f"{fmt(r['time_ratio']):>8s} {fmt(r['gpu_ratio']):>7s} {fmt(r['memory_ratio']):>9s}  "
               f"{r['new_graphs_on_bit_change'] if r['new_graphs_on_bit_change'] is not None else '-'}")
+    for r in rows:
+        if r["teacher_cache_ratio"] is not None:
+            print(f"teacher cache: {r['variant']} takes {r['teacher_cache_ratio']:.3f}× the step time of "
+                  f"{r['variant'].removesuffix('-tc')} (live teacher forward), measured in this run; "
+                  f"peak memory {r['peak_gib']:.2f} vs {ref[r['variant'].removesuffix('-tc')]['peak_gib']:.2f} GiB")
     check = numerics(device) if device.type == "cuda" else None
     if check:
         print(f"numerics: compiled fused vs op on {dev_name}: weight {check['weight_mismatch']}, activation "

@@ -27,6 +27,14 @@ img_ids (0, row, col)). With a checkpoint the preset only has to be valid; the i
 checkpoint's size (hidden size <= 256: the tiny resolution, else the full one). Inputs: ``hidden_states``
 (1, N, 64), ``encoder_hidden_states`` (1, T, 4096), ``pooled_projections`` (1, 768), ``timestep`` (1,)
 float32, ``img_ids`` (N, 3), ``txt_ids`` (T, 3).
+
+Pipeline (``pipeline()``, for ``fbqc capture`` / ``eval``): a ``FluxPipeline`` around ``model()``. Tiny, built
+offline with seeded weights: a word-level CLIP tokenizer (77 tokens) and ``CLIPTextModel`` stand-in (32 wide:
+its pooled output), a T5 tokenizer (8 tokens) and ``T5EncoderModel`` stand-in (64 wide), a small
+``AutoencoderKL`` (16 latent channels, 8x: 128 px <-> 16x16 latent, packed to 64 tokens), and schnell's
+``FlowMatchEulerDiscreteScheduler`` (shift 1.0, no dynamic shifting). ``full`` lives on the meta device: no
+pipeline (``--checkpoint DIR`` instead). ``generation_defaults()``: 4 steps, guidance 0 (no CFG), 128 px tiny,
+512 px full / checkpoint.
 """
 from __future__ import annotations
 
@@ -92,3 +100,52 @@ def calibration_data(preset: str = "tiny", checkpoint=None):
 
 def training_data(preset: str = "tiny", checkpoint=None):
     return samples(_sample, *_config(preset, checkpoint), seed=1)
+
+
+# ---- pipeline (fbqc capture / eval) ----------------------------------------------------------------
+
+#: the FLUX VAE downsamples 8x: tiny 16x16 latent = 128 px, full 64x64 = 512 px
+VAE_SCALE = 8
+
+
+def pipeline(preset: str = "tiny", checkpoint=None):
+    """A ``diffusers.FluxPipeline`` whose ``.transformer`` is ``model(preset, checkpoint)``.
+
+    ``checkpoint=DIR``: the local diffusers pipeline directory (``model_index.json`` required), e.g. a saved
+    FLUX.1-schnell. The tiny preset builds every component offline with seeded weights: a CLIP stand-in
+    (``CLIPTextModel``, ``pooled_projection_dim`` = 32 wide: its pooled output), a T5 stand-in
+    (``joint_attention_dim`` = 64 wide, 8 tokens), a small ``AutoencoderKL`` (16 latent channels, 8x
+    downsampling, FLUX scaling/shift factors, no quant convs) and schnell's ``FlowMatchEulerDiscreteScheduler``
+    (shift 1.0, no dynamic shifting). ``full`` is built on the meta device and cannot run: a ValueError.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from _pipelines import clip, finish, kl_vae, load_pipeline, t5, tokenizer
+
+    if checkpoint is None and preset in META_PRESETS:
+        raise ValueError(f"FLUX {preset} is built on the meta device (no weights to run); use --checkpoint DIR")
+    transformer = model(preset, checkpoint)
+    if checkpoint is not None:
+        return load_pipeline(FluxPipeline, checkpoint, transformer)
+    cfg, res = _config(preset)
+    scheduler = FlowMatchEulerDiscreteScheduler(     # FLUX.1-schnell's scheduler_config
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return finish(FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=kl_vae(cfg["in_channels"] // 4, scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False, seed=2),
+        text_encoder=clip(cfg["pooled_projection_dim"], 77, seed=3), tokenizer=tokenizer("clip", 77),
+        text_encoder_2=t5(cfg["joint_attention_dim"], seed=1), tokenizer_2=tokenizer("t5", RESOLUTION[res]["text"])))
+
+
+def generation_defaults(preset: str = "tiny", checkpoint=None) -> dict:
+    """Keyword arguments of the pipeline call for ``fbqc capture`` / ``eval`` (the user may override them).
+
+    FLUX.1-schnell is guidance-distilled: 4 steps, ``guidance_scale`` 0 (no classifier-free guidance), at the
+    resolution whose latent ``example_inputs`` has (128 px tiny, 512 px full / checkpoint); ``max_sequence_length``
+    its T5 text length (8 tiny, 256 full: schnell's maximum).
+    """
+    _, res = _config(preset, checkpoint)
+    side = RESOLUTION[res]["latent"] * VAE_SCALE
+    return {"height": side, "width": side, "num_inference_steps": 4, "guidance_scale": 0.0,
+            "max_sequence_length": RESOLUTION[res]["text"]}

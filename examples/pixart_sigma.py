@@ -18,8 +18,17 @@ full     configs/pixart_sigma.json, 28 blocks    64x64x4 (512 px)     1024 + 300
 The full config is the 1024-px PixArt-Sigma-XL-2 one (sample_size 128); at 512 px the positional embedding
 is recomputed for the 32x32 patch grid. With a checkpoint the preset only has to be valid; the input
 resolution follows the checkpoint's size (hidden size <= 256: the tiny resolution, else the full one).
-Inputs: ``hidden_states`` (1, 4, H, W), ``encoder_hidden_states`` (1, T, caption_channels), ``timestep`` (1,)
-int64.
+Inputs: ``hidden_states`` (1, 4, H, W), ``encoder_hidden_states`` (1, T, caption_channels),
+``encoder_attention_mask`` (1, T) int64 (1: token, 0: padding; the pipeline pads the negative prompt),
+``timestep`` (1,) int64.
+
+Pipeline (``pipeline()``, for ``fbqc capture`` / ``eval``): a ``PixArtSigmaPipeline`` around ``model()``. Tiny,
+built offline with seeded weights: a word-level T5-style tokenizer (``examples/_pipelines.py``, 8 tokens), a
+2-layer ``T5EncoderModel`` stand-in 64 wide, a small ``AutoencoderKL`` (4 latent channels, 8x downsampling:
+128 px <-> 16x16 latent) and PixArt-Sigma's DPM-Solver++ scheduler (epsilon, linear betas). The pipeline passes
+``timestep`` as int64, as ``example_inputs``. ``full``: the full transformer with stand-ins (T5 4096 wide, 300
+tokens, small VAE at 512 px): only the transformer is full size. ``generation_defaults()``: tiny 128 px, 8
+steps, guidance 4.5; full / checkpoint 512 px, 20 steps, 4.5; resolution binning off.
 """
 from __future__ import annotations
 
@@ -59,6 +68,7 @@ def _sample(cfg: dict, res: str, g: torch.Generator) -> dict:
     return {
         "hidden_states": latents.contiguous(),
         "encoder_hidden_states": torch.randn(1, text, cfg["caption_channels"], generator=g),
+        "encoder_attention_mask": torch.ones(1, text, dtype=torch.int64),     # the pipeline's (padding: 0)
         "timestep": t.to(torch.int64),
     }
 
@@ -75,3 +85,50 @@ def calibration_data(preset: str = "tiny", checkpoint=None):
 
 def training_data(preset: str = "tiny", checkpoint=None):
     return samples(_sample, *_config(preset, checkpoint), seed=1)
+
+
+# ---- pipeline (fbqc capture / eval) ----------------------------------------------------------------
+
+#: the SDXL VAE downsamples 8x: tiny 16x16 latent = 128 px, full 64x64 = 512 px
+VAE_SCALE = 8
+
+
+def pipeline(preset: str = "tiny", checkpoint=None):
+    """A ``diffusers.PixArtSigmaPipeline`` whose ``.transformer`` is ``model(preset, checkpoint)``.
+
+    ``checkpoint=DIR``: the local diffusers pipeline directory (``model_index.json`` required). Otherwise
+    every component is built offline with seeded weights: a T5 stand-in (``T5EncoderModel``, ``caption_channels``
+    wide, 2 layers), a small ``AutoencoderKL`` (4 latent channels, 8x downsampling, SDXL-VAE scaling factor),
+    and PixArt-Sigma's DPM-Solver++ scheduler (linear betas 1e-4..0.02, epsilon prediction). For ``full``
+    only the transformer is full size: the text encoder and VAE are small stand-ins (for measuring capture
+    cost, not image quality).
+    """
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    from _pipelines import finish, kl_vae, load_pipeline, t5, tokenizer
+
+    transformer = model(preset, checkpoint)
+    if checkpoint is not None:
+        return load_pipeline(PixArtSigmaPipeline, checkpoint, transformer)
+    cfg, res = _config(preset)
+    scheduler = DPMSolverMultistepScheduler(        # PixArt-Sigma-XL-2-1024-MS' scheduler_config
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, solver_order=2,
+        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        timestep_spacing="linspace", steps_offset=0)
+    return finish(PixArtSigmaPipeline(
+        tokenizer=tokenizer("t5", RESOLUTION[res]["text"]), text_encoder=t5(cfg["caption_channels"], seed=1),
+        vae=kl_vae(4, scaling_factor=0.13025, seed=2), transformer=transformer, scheduler=scheduler))
+
+
+def generation_defaults(preset: str = "tiny", checkpoint=None) -> dict:
+    """Keyword arguments of the pipeline call for ``fbqc capture`` / ``eval`` (the user may override them).
+
+    The resolution gives the latent of ``example_inputs``; ``max_sequence_length`` its text length. Resolution
+    binning is off: the tiny sample size has no bin, and the full config (sample size 128) would bin 512 px up to
+    1024 px. ``clean_caption=False``: cleaning needs ``bs4``/``ftfy`` (absent, the pipeline falls back with a
+    warning). Tiny: 8 steps, guidance 4.5; full / checkpoint: the pipeline's 20 steps, 4.5, at 512 px.
+    """
+    _, res = _config(preset, checkpoint)
+    side = RESOLUTION[res]["latent"] * VAE_SCALE
+    return {"height": side, "width": side, "num_inference_steps": 8 if res == "tiny" else 20, "guidance_scale": 4.5,
+            "max_sequence_length": RESOLUTION[res]["text"], "use_resolution_binning": False, "clean_caption": False}

@@ -17,7 +17,16 @@ full       configs/sana_600m.json, 28 blocks    32x32x32 (1024 px)         1024 
 
 With a checkpoint the preset only has to be valid; the input resolution follows the checkpoint's size
 (hidden size <= 256: the tiny resolution, else the full one). Inputs: ``hidden_states`` (1, C, H, W),
-``encoder_hidden_states`` (1, T, caption_channels), ``timestep`` (1,) float32.
+``encoder_hidden_states`` (1, T, caption_channels), ``encoder_attention_mask`` (1, T) int64 (1: token,
+0: padding; the pipeline pads the negative prompt), ``timestep`` (1,) float32.
+
+Pipeline (``pipeline()``, for ``fbqc capture`` / ``eval``): a ``SanaPipeline`` around ``model()``. Tiny, built
+offline with seeded weights: a word-level Gemma-style tokenizer (``examples/_pipelines.py``, 8 tokens), a
+2-layer ``Gemma2Model`` stand-in 64 wide (= caption_channels), a small ``AutoencoderDC`` (32 latent channels,
+32x downsampling: 256 px <-> 8x8 latent) and Sana's DPM-Solver++ flow scheduler (``flow_shift`` 3.0).
+``full`` / ``1600m``: the full transformer with stand-ins of the same kind (Gemma-2 2304 wide, 300 tokens,
+small DC-AE at 1024 px): only the transformer is full size (capture cost, not image quality).
+``generation_defaults()``: tiny 256 px, 8 steps, guidance 4.5; full / checkpoint 1024 px, 20 steps, 4.5.
 """
 from __future__ import annotations
 
@@ -55,6 +64,7 @@ def _sample(cfg: dict, res: str, g: torch.Generator) -> dict:
     return {
         "hidden_states": latents.contiguous(),
         "encoder_hidden_states": torch.randn(1, text, cfg["caption_channels"], generator=g),
+        "encoder_attention_mask": torch.ones(1, text, dtype=torch.int64),     # SanaPipeline's (padding: 0)
         "timestep": (t * cfg.get("timestep_scale", 1.0)).to(torch.float32),   # as SanaPipeline scales it
         **({"guidance": torch.full((1,), 4.5 * cfg.get("guidance_embeds_scale", 0.1))}
            if cfg.get("guidance_embeds") else {}),                              # Sana-Sprint checkpoints
@@ -73,3 +83,52 @@ def calibration_data(preset: str = "tiny", checkpoint=None):
 
 def training_data(preset: str = "tiny", checkpoint=None):
     return samples(_sample, *_config(preset, checkpoint), seed=1)
+
+
+# ---- pipeline (fbqc capture / eval) ----------------------------------------------------------------
+
+#: generation resolution per resolution key: DC-AE downsamples 32x (tiny 8x8 latent = 256 px, full 32x32 = 1024 px)
+VAE_SCALE = 32
+
+
+def pipeline(preset: str = "tiny", checkpoint=None):
+    """A ``diffusers.SanaPipeline`` whose ``.transformer`` is ``model(preset, checkpoint)``.
+
+    ``checkpoint=DIR``: the local diffusers pipeline directory (``model_index.json`` required). Otherwise
+    every component is built offline with seeded weights: the Gemma-2 stand-in has ``caption_channels`` width,
+    the DC-AE has 32 latent channels and 32x downsampling (widths 8..32), the scheduler is Sana's published
+    one. For ``full`` / ``1600m`` only the transformer is full size: the text encoder and VAE are small stand-ins
+    (for measuring capture cost, not image quality).
+    """
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    from _pipelines import dc_ae, finish, gemma2, load_pipeline, tokenizer
+
+    transformer = model(preset, checkpoint)
+    if checkpoint is not None:
+        return load_pipeline(SanaPipeline, checkpoint, transformer)
+    cfg, res = _config(preset)
+    scheduler = DPMSolverMultistepScheduler(        # Sana_600M_1024px_diffusers' scheduler_config
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, solver_order=2,
+        prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_type="midpoint",
+        lower_order_final=True, use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero")
+    return finish(SanaPipeline(
+        tokenizer=tokenizer("gemma", RESOLUTION[res]["text"]), text_encoder=gemma2(cfg["caption_channels"], seed=1),
+        vae=dc_ae(cfg["in_channels"], scaling_factor=0.41407, seed=2), transformer=transformer, scheduler=scheduler))
+
+
+def generation_defaults(preset: str = "tiny", checkpoint=None) -> dict:
+    """Keyword arguments of the pipeline call for ``fbqc capture`` / ``eval`` (the user may override them).
+
+    The resolution gives the latent of ``example_inputs``; ``max_sequence_length`` its text length. Resolution
+    binning is off (the tiny transformer's sample size has no bin). Tiny: 8 steps, no complex-human-instruction
+    prefix (its words are unknown to the tiny vocabulary; the token count would be the same). Full / checkpoint:
+    SanaPipeline's defaults, 20 steps, guidance 4.5, at 1024 px.
+    """
+    _, res = _config(preset, checkpoint)
+    side = RESOLUTION[res]["latent"] * VAE_SCALE
+    out = {"height": side, "width": side, "guidance_scale": 4.5, "max_sequence_length": RESOLUTION[res]["text"],
+           "use_resolution_binning": False}
+    if res == "tiny":
+        return {**out, "num_inference_steps": 8, "complex_human_instruction": None}
+    return {**out, "num_inference_steps": 20}

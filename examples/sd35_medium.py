@@ -24,6 +24,14 @@ export only with meta inputs), its ``calibration_data`` real CPU tensors of the 
 checkpoint's size (hidden size <= 256: the tiny resolution, else the full one). Inputs: ``hidden_states``
 (1, 16, H, W), ``encoder_hidden_states`` (1, T, 4096), ``pooled_projections`` (1, 2048), ``timestep`` (1,)
 float32.
+
+Pipeline (``pipeline()``, for ``fbqc capture`` / ``eval``): a ``StableDiffusion3Pipeline`` around ``model()``.
+Tiny, built offline with seeded weights: two word-level CLIP tokenizers (4 tokens) and ``CLIPTextModelWithProjection``
+stand-ins (16 + 16 wide: pooled 32), a T5 tokenizer (4 tokens) and ``T5EncoderModel`` stand-in (64 wide), a
+small ``AutoencoderKL`` (16 latent channels, 8x: 128 px <-> 16x16 latent), ``FlowMatchEulerDiscreteScheduler``
+(shift 3.0). ``full``: the full transformer with stand-ins (CLIP 768 + 1280 at 77 tokens, T5 4096 at 256, small
+VAE at 512 px): only the transformer is full size; ``full-meta`` has no pipeline. ``generation_defaults()``:
+tiny 128 px, 8 steps, guidance 7.0; full / checkpoint 512 px, 28 steps, 7.0.
 """
 from __future__ import annotations
 
@@ -84,3 +92,62 @@ def calibration_data(preset: str = "tiny", checkpoint=None):
 
 def training_data(preset: str = "tiny", checkpoint=None):
     return samples(_sample, *_config(preset, checkpoint), seed=1)
+
+
+# ---- pipeline (fbqc capture / eval) ----------------------------------------------------------------
+
+#: the SD3 VAE downsamples 8x: tiny 16x16 latent = 128 px, full 64x64 = 512 px
+VAE_SCALE = 8
+#: text tokens = CLIP tokens (the CLIP tokenizers' model_max_length) + T5 tokens (max_sequence_length)
+CLIP_TOKENS = {"tiny": 4, "full": 77}
+
+
+def pipeline(preset: str = "tiny", checkpoint=None):
+    """A ``diffusers.StableDiffusion3Pipeline`` whose ``.transformer`` is ``model(preset, checkpoint)``.
+
+    ``checkpoint=DIR``: the local diffusers pipeline directory (``model_index.json`` required). Otherwise
+    every component is built offline with seeded weights: two CLIP stand-ins (``CLIPTextModelWithProjection``,
+    2 layers; their projections, concatenated, are the ``pooled_projection_dim`` pooled embedding; their
+    penultimate hidden states, concatenated and zero-padded, the first ``CLIP_TOKENS`` text tokens), a T5
+    stand-in (``joint_attention_dim`` wide, the remaining tokens), a small ``AutoencoderKL`` (16 latent channels,
+    8x downsampling, SD3 scaling/shift factors, no quant convs) and SD3's ``FlowMatchEulerDiscreteScheduler``
+    (shift 3.0). Tiny: CLIP widths 16 + 16, text 4 CLIP + 4 T5 tokens. For ``full`` only the transformer is full
+    size: CLIP-L/G stand-ins of widths 768 / 1280 (77 tokens), T5 4096 (256 tokens), a small VAE (for measuring
+    capture cost, not image quality). ``full-meta`` has no weights: use ``--checkpoint DIR``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from _pipelines import clip, finish, kl_vae, load_pipeline, t5, tokenizer
+
+    if checkpoint is None and preset in META_PRESETS:
+        raise ValueError(f"SD3.5-Medium {preset} is built on the meta device (no weights to run); "
+                         "use preset 'full' or --checkpoint DIR")
+    transformer = model(preset, checkpoint)
+    if checkpoint is not None:
+        return load_pipeline(StableDiffusion3Pipeline, checkpoint, transformer)
+    cfg, res = _config(preset)
+    n_clip = CLIP_TOKENS[res]
+    half = cfg["pooled_projection_dim"] // 2
+    widths = (half, half) if res == "tiny" else (768, 1280)            # CLIP-L, CLIP-G
+    return finish(StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=kl_vae(cfg["in_channels"], scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False, seed=2),
+        text_encoder=clip(widths[0], n_clip, projection=widths[0], seed=3), tokenizer=tokenizer("clip", n_clip),
+        text_encoder_2=clip(widths[1], n_clip, projection=cfg["pooled_projection_dim"] - widths[0], seed=4),
+        tokenizer_2=tokenizer("clip", n_clip),
+        text_encoder_3=t5(cfg["joint_attention_dim"], seed=1),
+        tokenizer_3=tokenizer("t5", RESOLUTION[res]["text"] - n_clip)))
+
+
+def generation_defaults(preset: str = "tiny", checkpoint=None) -> dict:
+    """Keyword arguments of the pipeline call for ``fbqc capture`` / ``eval`` (the user may override them).
+
+    The resolution gives the latent of ``example_inputs``; ``max_sequence_length`` (T5 tokens) plus the CLIP
+    tokenizers' length its text length. Tiny: 8 steps, guidance 7.0. Full / checkpoint: the pipeline's defaults,
+    28 steps, guidance 7.0 (the SD3.5-Medium model card suggests 40 steps at 4.5), at 512 px, 256 T5 tokens.
+    """
+    _, res = _config(preset, checkpoint)
+    side = RESOLUTION[res]["latent"] * VAE_SCALE
+    return {"height": side, "width": side, "num_inference_steps": 8 if res == "tiny" else 28, "guidance_scale": 7.0,
+            "max_sequence_length": RESOLUTION[res]["text"] - CLIP_TOKENS[res]}

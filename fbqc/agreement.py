@@ -105,6 +105,7 @@ class EndToEnd:
     max_abs: float
     rel_error: float            # ||a - b|| / ||b||
     within_1lsb: float | None   # fraction within 1 LSB of the output quantizer, if the output has one
+    finite: bool = True         # both sides free of NaN/Inf (a non-finite comparison never agrees)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,9 +120,16 @@ def end_to_end(outputs: list[torch.Tensor], reference: list[torch.Tensor],
         a, b = a.detach().double(), b.detach().double()
         d = (a - b).abs()
         step = lsb[i] if lsb else None
+        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
         rows.append(EndToEnd(i, b.numel(), float(d.max()), float(d.norm() / b.norm().clamp_min(1e-30)),
-                             float((d <= step * 1.0001).double().mean()) if step else None))
+                             float((d <= step * 1.0001).double().mean()) if step else None, finite))
     return rows
+
+
+def nonfinite_rows(result: dict[str, Any]) -> list[str]:
+    """``key[output]`` of every end-to-end comparison in a verify result that saw a NaN/Inf."""
+    return [f"{key}[{r['output']}]" for key, rows in result.items() if key.startswith("end_to_end")
+            and isinstance(rows, list) for r in rows if isinstance(r, dict) and r.get("finite") is False]
 
 
 def output_lsb(program) -> list[float | None]:

@@ -6,18 +6,15 @@ them, so ``fbqc verify`` needs no model file) and the backend's own files.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .errors import ArtifactError
+from .outputs import check_writable, staging  # noqa: F401 - the artifact's output rules
 
 MANIFEST = "manifest.json"
 IO_FILE = "io.pt"
@@ -36,41 +33,9 @@ def sha256_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def check_writable(out: Path, force: bool) -> None:
-    """Fail early (before minutes of work) if ``out`` cannot be written."""
-    if out.exists() and not force:
-        raise ArtifactError(f"output directory {out} exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output path {out} exists and is not a directory")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ArtifactError(f"cannot write {out}: {probe} is not a directory (choose another -o)")
-    if not os.access(probe, os.W_OK):
-        raise ArtifactError(f"cannot write {out}: {probe} is not writable (choose another -o)")
-
-
-@contextlib.contextmanager
-def staging(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; on success rename it to ``out``, else delete it."""
-    check_writable(out, force)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    files = sorted(p.name for p in directory.iterdir()
+                   if p.is_file() and p.name != MANIFEST and not p.name.startswith(".fbqc"))
     manifest = {**manifest, "files": {f: sha256_file(directory / f) for f in files}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
@@ -82,17 +47,26 @@ def read_versioned_json(path: Path, fmt: int, kind: str, error: type[Exception],
         raise error(missing)
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); the file is damaged") from e
     if not isinstance(data, dict) or data.get("format") != fmt:
         found = data.get("format") if isinstance(data, dict) else None
         raise error(f"{path}: {kind} format {found!r}, this fbqc reads {fmt}")
     return data
 
 
+#: keys every artifact manifest has (a manifest without one is damaged, not a crash)
+REQUIRED_KEYS = ("fbqc", "backend", "model", "flags", "inputs", "calibration", "stages", "size", "layers", "files")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    return read_versioned_json(Path(directory) / MANIFEST, FORMAT, "artifact", ArtifactError,
-                               f"{directory} is not an fbqc artifact (no {MANIFEST})")
+    m = read_versioned_json(Path(directory) / MANIFEST, FORMAT, "artifact", ArtifactError,
+                            f"{directory} is not an fbqc artifact (no {MANIFEST})")
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise ArtifactError(f"{Path(directory) / MANIFEST}: the manifest has no {', '.join(map(repr, missing))}; "
+                            f"the file is damaged or not written by fbqc (compile the artifact again)")
+    return m
 
 
 def check_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:

@@ -39,6 +39,13 @@ class ModelFile:
     def has(self, name: str) -> bool:
         return callable(getattr(self.module, name, None))
 
+    def check(self, name: str) -> None:
+        """``name()`` exists and accepts the user's options (without calling it)."""
+        fn = getattr(self.module, name, None)
+        if not callable(fn):
+            raise ModelFileError(f"{self.path}: defines no function {name}()")
+        _check_accepts(self.path, name, fn, self.opts)
+
     def call(self, name: str) -> Any:
         fn = getattr(self.module, name, None)
         if not callable(fn):

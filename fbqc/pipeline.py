@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from . import __version__
 from .agreement import end_to_end, output_lsb
 from .artifact import FORMAT, save_io, sha256_tensor, staging, write_manifest
-from .data import DATA_FREE_NOTE, samples_around
 from .errors import UserError
 from .frontend import export_model_file
 from .pass_infra import Instrument, PassManager
@@ -33,6 +32,7 @@ class CompileOptions:
     scheme: str = "narrow"
     observer: str = "3sigma"
     calib_samples: int = 100
+    calib_data: str | None = None                   # a capture directory (fbqc capture): --calib-data
     include: tuple[str, ...] | None = None          # None: fbqc.passes.DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     layer_bits: dict[str, float] = field(default_factory=dict)
@@ -170,11 +170,19 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
 
     ``after_insert``: passes run between InsertFakeQuant and Calibrate (``fbqc compile RUN_DIR`` loads
     the trained student there); ``run``: the training run it came from, recorded in the manifest.
+    One writer at a time: ``out`` is locked for the whole compile.
     """
+    from fbqc.outputs import output_lock
+
+    with output_lock(Path(out)):
+        return _compile_model(model_path, Path(out), opts, force=force, progress=progress, log=log,
+                              after_insert=after_insert, run=run)
+
+
+def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progress, log, after_insert, run):
     from fbqc.artifact import check_writable
     from fbqc.backends import load_backend
 
-    out = Path(out)
     if progress:
         log = tqdm.write  # keeps log lines and progress bars apart
     backend = load_backend(opts.target)      # unknown target: fail before any work
@@ -182,6 +190,10 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     if check is not None:
         check(opts.flags())
     check_writable(out, force)
+    try:
+        build_passes(opts, data=(), progress=False)  # --include/--exclude/--layer-bits regexes: before export
+    except ValueError as e:
+        raise UserError(str(e)) from None
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -201,23 +213,26 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
         float_out = _flat(program.run_example())
         timings["float_forward"] = time.perf_counter() - t
 
-    if mf.has("calibration_data"):
-        data, data_note = mf.call("calibration_data"), "calibration_data() of the model file"
-    else:
-        data, data_note = samples_around(program.example_inputs), DATA_FREE_NOTE
-    log(f"calibration: {opts.calib_samples} samples, {opts.observer} ranges, from {data_note} "
-        f"(~{opts.calib_samples * timings['float_forward']:.0f} s at {timings['float_forward']:.1f} s "
+    from .captured_data import Calibration       # --calib-data, calibration_data() or the data-free default
+
+    calibration = Calibration(mf, program, opts, log)
+    data, data_note = calibration.data, calibration.note
+    log(f"calibration: {calibration.planned} samples, {opts.observer} ranges, from {data_note} "
+        f"(~{calibration.planned * timings['float_forward']:.0f} s at {timings['float_forward']:.1f} s "
         f"per forward)")
 
     first, second = build_passes(opts, data, progress, after_insert)
     ins = [_Progress(bar, log)]
     pm = dict(verify_each=opts.verify_each, print_after_change=opts.print_after_change, instruments=ins)
+    _check_finite(program, float_out, "float model")
     fq = PassManager(first, **pm)(program)
     with torch.no_grad():
         fq_out = _flat(fq.run_example())
+    _check_finite(fq, fq_out, "fake-quant model")
     integer = PassManager(second, **pm)(fq)
     with torch.no_grad():
         int_out = _flat(integer.run_example())
+    _check_finite(integer, int_out, "integer model")
 
     report = backend.supports(integer)
     if not report.ok:
@@ -244,7 +259,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
             "flags": opts.flags(),
             "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in integer.example_inputs.items() if isinstance(v, torch.Tensor)},
-            "calibration": {"samples": opts.calib_samples, "observer": opts.observer, "data": data_note},
+            "calibration": calibration.entry(fq.info.get("calibration", {})),
             "stages": [{"pass": r.name, "requires": r.requires, "produces": r.produces,
                         "modified": r.modified} for r in integer.history],
             "skipped_layers": program.info.get("skipped_layers", {}),
@@ -260,6 +275,19 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     timings["total"] = time.perf_counter() - t0
     timings.update({r.name: r.seconds for r in integer.history})
     return {"artifact": str(out), "manifest": manifest, "timings": timings, "peak_rss_mb": _rss_mb()}
+
+
+def _check_finite(program: Program, outputs: list[torch.Tensor], what: str) -> None:
+    """Non-finite outputs fail the compile, naming the first node where a NaN/Inf appears."""
+    from .finite import first_nonfinite_node, nonfinite
+
+    bad = nonfinite(outputs)
+    if bad:
+        where = first_nonfinite_node(program, program.example_inputs)
+        fix = ("keep the quantized layer float (--exclude) or give it more bits (--layer-bits), or check "
+               "its weights and calibration data" if what != "float model" else "check the model's weights")
+        raise UserError(f"the {what}'s output {bad[0]} is not finite (NaN/Inf) on the example inputs; "
+                        f"the first non-finite value appears at {where or 'an output'}: {fix}")
 
 
 def _versions() -> dict[str, str]:

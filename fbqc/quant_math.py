@@ -11,17 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_BITS, MAX_BITS = 1.0, 16.0
+MIN_BITS, MAX_BITS = 2.0, 16.0   # below 2 bits a narrow-range weight has levels −1…0: every weight 0
 
 
 def check_bits(bits: float, what: str = "bits") -> float:
-    """Validate a bit-width: a number in (1, 16]. Returns it as float."""
+    """Validate a bit-width: a number in [2, 16] (below 2, narrow range leaves the levels −1…0 and
+    every weight rounds to 0). Returns it as float."""
     try:
         b = float(bits)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in (1, 16], got {bits!r}") from None
-    if not math.isfinite(b) or not (MIN_BITS < b <= MAX_BITS):
-        raise ValueError(f"{what} must be a number in (1, 16], got {bits!r}")
+        raise ValueError(f"{what} must be a number in [2, 16], got {bits!r}") from None
+    if not math.isfinite(b) or not (MIN_BITS <= b <= MAX_BITS):
+        hint = " (below 2 bits every weight quantizes to 0)" if math.isfinite(b) and 1 < b < MIN_BITS else ""
+        raise ValueError(f"{what} must be a number in [2, 16], got {bits!r}{hint}")
     return b
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .agreement import check_layer, end_to_end, output_lsb, summarize
+from .agreement import check_layer, end_to_end, nonfinite_rows, output_lsb, summarize
 from .artifact import check_hashes, load_io, read_manifest
 from .errors import ArtifactError
 
@@ -23,7 +23,7 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
     loaded = backend.load(directory)
     own = getattr(loaded, "verify", None)     # a backend that checks itself against a reference (htp)
     if own is not None:
-        return own(io)
+        return _no_agreement_with_nonfinite(own(io))
     outputs = loaded.run(io["inputs"])
     lsb = output_lsb(loaded.program) if hasattr(loaded, "program") else None
     layers_meta = {r["layer"]: r for r in manifest["layers"]}
@@ -44,6 +44,17 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
     emitted = getattr(loaded, "emitted_code_check", None)   # cpu --emit-c: build, run and compare the C
     if emitted is not None and (c := emitted(io)) is not None:
         result["emitted_c"] = c
+    return _no_agreement_with_nonfinite(result)
+
+
+def _no_agreement_with_nonfinite(result: dict[str, Any]) -> dict[str, Any]:
+    """A comparison that saw NaN/Inf (the artifact's outputs or a reference) never agrees."""
+    bad = nonfinite_rows(result) + [f"emitted_c.{k}" for k in nonfinite_rows(result.get("emitted_c", {}))]
+    if bad:
+        result["nonfinite"] = bad
+        result["summary"] = {**result["summary"], "exact": False, "passed": False}
+        if "emitted_c" in result:
+            result["emitted_c"] = {**result["emitted_c"], "exact": False}
     return result
 
 

@@ -74,9 +74,21 @@ class AnnotateLinears(Pass):
         act = replace(self.act, bits=abits[-1]) if abits else self.act
         return QuantSpec(layer, kind, weight, act, act)
 
+    def check_overrides_match(self, layers: list[str]) -> None:
+        """Every --layer-bits / --a16 pattern names at least one candidate layer (a typo that matches
+        nothing would otherwise leave those layers at the default bits, silently)."""
+        for flag, patterns in (("--layer-bits", self._wb), ("--a16", self._ab)):
+            for p, _ in patterns:
+                if not any(p.search(layer) for layer in layers):
+                    example = layers[len(layers) // 2] if layers else "transformer_blocks.0.attn1.to_q"
+                    raise ValueError(f"{flag} pattern {p.pattern!r} matches no linear or 1x1 conv layer "
+                                     f"(layers are named like {example!r}; fbqc compile --dry-run lists "
+                                     f"the quantized ones)")
+
     def run(self, program: Program) -> PassResult:
         modified = False
         skipped = {}
+        candidates = []
         for node in program.graph.nodes:
             if node.op != "call_function" or node.target not in (LINEAR, CONV2D):
                 continue
@@ -84,6 +96,7 @@ class AnnotateLinears(Pass):
             if not (hasattr(w, "op") and w.op == "get_attr"):
                 continue
             layer = layer_name(w.target)
+            candidates.append(layer)
             kind = "linear"
             if node.target is CONV2D:
                 if not is_pointwise_conv(node, program.attr(w)):
@@ -96,6 +109,10 @@ class AnnotateLinears(Pass):
             if node.meta.get(QUANT) != spec:
                 node.meta[QUANT] = spec
                 modified = True
+        try:
+            self.check_overrides_match(candidates)
+        except ValueError as e:
+            raise PreconditionError(self.name, str(e)) from None
         if not program.quantized_nodes():
             raise PreconditionError(self.name, "no linear or 1x1 conv layer matched --include "
                                     f"{self.include} (exclude {self.exclude}); nothing to quantize")

@@ -88,9 +88,11 @@ class Calibrate(Pass):
         with torch.no_grad():
             _freeze_weights(shadow)
             samples = take(self.data, self.num_samples, program.example_inputs, "calibration data")
+            consumed = 0
             for sample in tqdm(samples, total=self.num_samples, desc="calibrate", unit="sample",
                                disable=not self.progress, leave=False):
                 shadow(**sample)
+                consumed += 1
 
         by_name = {n.name: n for n in program.graph.nodes}
         used = {}
@@ -104,7 +106,7 @@ class Calibrate(Pass):
             for a, v in zip(node.args[1:3], (scale, float(zp))):
                 program.graph_module.register_buffer(a.target, torch.tensor(v, dtype=torch.float32))
             used[obs.name] = {"min": obs.lo, "max": obs.hi, "lo": lo, "hi": hi, "scale": scale, "zp": zp}
-        program.info["calibration"] = {"samples": self.num_samples,
+        program.info["calibration"] = {"samples": consumed, "requested": self.num_samples,   # data may run out
                                        "observer": self.observer or "per spec"}
         program.info["act_ranges"] = used
         return PassResult(program, True)

@@ -59,7 +59,7 @@ def test_specs_are_frozen(sana):
 
 @pytest.mark.parametrize("bad", [0.5, 1, 17, "x", float("nan")])
 def test_bad_bits(bad):
-    with pytest.raises(ValueError, match=r"\(1, 16\]"):
+    with pytest.raises(ValueError, match=r"\[2, 16\]"):
         AnnotateLinears(bits=bad)
 
 

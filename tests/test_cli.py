@@ -103,8 +103,8 @@ def test_bad_model_files(tmp_path, name):
     assert not (tmp_path / "out").exists() and no_partial(tmp_path)
 
 
-@pytest.mark.parametrize("bits,msg", [("abc", "must be a number"), ("0.5", "(1, 16]"), ("17", "(1, 16]"),
-                                      ("1", "(1, 16]")])
+@pytest.mark.parametrize("bits,msg", [("abc", "must be a number"), ("0.5", "[2, 16]"), ("17", "[2, 16]"),
+                                      ("1", "[2, 16]"), ("1.5", "every weight quantizes to 0")])
 def test_bad_bits(tmp_path, bits, msg):
     r = run("compile", example("sana"), "--bits", bits, "-o", tmp_path / "o")
     assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o").exists()

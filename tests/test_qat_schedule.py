@@ -50,8 +50,8 @@ def test_custom_schedules_and_errors():
     assert s.name == "custom" and phases(s) == [(8, 1), (5.5, 1), (4, 3)] and s.phase_steps() == [2, 2, 6]
     assert Schedule.parse(" 8:1, 4:1 ", 3).phase_steps() == [2, 1]             # tie → earlier phase
     assert Schedule.from_dict(s.to_dict()) == s
-    for bad, msg in [("8,4", "BITS:PARTS"), ("8:x", "not a number"), ("8:0", "> 0"), ("0.5:1", "(1, 16]"),
-                     ("17:1", "(1, 16]"), ("frac", "BITS:PARTS")]:
+    for bad, msg in [("8,4", "BITS:PARTS"), ("8:x", "not a number"), ("8:0", "> 0"), ("0.5:1", "[2, 16]"),
+                     ("17:1", "[2, 16]"), ("frac", "BITS:PARTS")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("]", r"\]")):
             Schedule.parse(bad, 10)
     with pytest.raises(ValueError, match="ends at 4 bits but --bits is 3"):

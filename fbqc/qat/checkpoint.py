@@ -70,6 +70,9 @@ def save_checkpoint(out: Path, *, done: int, student: dict, optimizer: dict, kin
 def load_checkpoint(run: Path) -> dict[str, Any]:
     path = Path(run) / CKPT
     if not path.is_file():
+        if (Path(run) / RUN).is_file():
+            raise RunError(f"{run}: the run stopped before its first checkpoint, so there is nothing to resume; "
+                           f"start it again with --force (add --checkpoint-every N to checkpoint sooner)")
         raise RunError(f"{run}: no {CKPT} to resume from (was the run started with -o {run}?)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("format") != FORMAT:

@@ -46,6 +46,8 @@ class TrainConfig:
     fsdp_unit: int = 1                  # fsdp: consecutive transformer blocks per FSDP2 unit
     ddp_bucket_mb: float = D.DDP_BUCKET_MB  # ddp: gradients all-reduced in buckets of this size
     cuda_graphs: bool = False           # compile: replay the compiled graphs as CUDA graphs
+    data_dir: str | None = None         # --data: a capture directory (fbqc.captured_data), resolved
+    teacher_cache: bool = False         # --teacher-cache: KD target = the recorded teacher output
 
     def check(self) -> None:
         if self.act_quant not in ACT_MODES:
@@ -80,6 +82,9 @@ class TrainConfig:
                              "then the plain model, no wrapper)")
         if self.strategy not in D.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(D.STRATEGIES)}, got {self.strategy!r}")
+        if self.teacher_cache and not self.data_dir:
+            raise ValueError("--teacher-cache takes the KD target from the teacher outputs a capture "
+                             "recorded: it needs --data DIR")
         if self.nproc < 1 or self.batch < 1:
             raise ValueError(f"--nproc and --batch must be ≥ 1, got {self.nproc} and {self.batch}")
         if self.batch > 1 and not self.module_student:

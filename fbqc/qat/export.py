@@ -30,16 +30,14 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, force: bool = Fals
     from fbqc.pipeline import build_passes
 
     from .modules import annotate_modules
-    from .run import options_from
+    from .run import options_from, run_model_file
 
     run_dir, out = Path(run_dir), Path(out)
     run = ck.read_run(run_dir)
     state = ck.load_student(run_dir)
-    check_writable(out, force)                       # before building the model, not after
+    check_writable(out, force, "diffusers")          # before building the model, not after
     src = run["source"]
-    model_file = Path(src["model_file_resolved"])
-    if not model_file.is_file():
-        raise ck.RunError(f"{run_dir}: its model file {src['model_file']} is gone")
+    model_file = run_model_file(run_dir, run)
     opts = options_from(src["flags"])
     model = load_model_file(model_file, preset=opts.preset, checkpoint=opts.checkpoint).call("model")
     if not hasattr(model, "save_pretrained"):
@@ -61,7 +59,7 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, force: bool = Fals
                "layers": len(specs), "bits": sorted({s.weight.bits for s in specs.values()}),
                "student_sha256": ck.state_digest(state),
                "note": "weights fake-quantized (on the W-bit grid, stored fp32); activations float"}
-    with staging(out, force) as tmp:                 # written whole, then renamed into place
+    with staging(out, force, "diffusers") as tmp:    # written whole, then renamed into place
         model.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps({**summary, "specs": {k: v.to_dict() for k, v in specs.items()}},
                                                indent=2) + "\n")

@@ -74,13 +74,15 @@ def _pointwise(m: torch.nn.Conv2d) -> bool:
 def annotate_modules(model: torch.nn.Module, annotate) -> dict[str, QuantSpec]:
     """``{module path: QuantSpec}`` for the model's Linear / pointwise Conv2d modules that
     ``annotate`` (an :class:`~fbqc.passes.AnnotateLinears`) selects — the rule the program uses."""
-    specs = {}
+    specs, candidates = {}, []
     for name, m in model.named_modules():
         kind = ("linear" if type(m) is torch.nn.Linear
                 else "conv1x1" if type(m) is torch.nn.Conv2d and _pointwise(m) else None)
+        candidates += [name] if kind else []
         spec = annotate.spec_for(name, kind) if kind else None
         if spec is not None:
             specs[name] = spec
+    annotate.check_overrides_match(candidates)
     if not specs:
         raise ValueError("no nn.Linear or pointwise nn.Conv2d module matched --include "
                          "(the module student quantizes modules; check --include/--exclude)")

@@ -89,8 +89,12 @@ def train_model_file(model_file: str | Path | None, out: str | Path, opts: Compi
         schedule = schedule if schedule is not None else saved["schedule"]
         steps = steps if steps is not None else saved["steps"]
         bits = saved.pop("bits")
+        given = train_kw.get("data_dir")
+        if given is not None and saved.get("data_dir") != str(Path(given).resolve()):
+            raise ck.RunError(f"{out} was trained on --data {saved.get('data_dir')}; resuming it on "
+                              f"--data {given} is not allowed")
         train_kw = {**{k: v for k, v in saved.items() if k not in ("schedule", "steps")},
-                    **{k: v for k, v in train_kw.items() if k in EXECUTION}}
+                    **{k: v for k, v in train_kw.items() if k in EXECUTION or k == "report"}}
     elif model_file is None:
         raise UserError("fbqc train needs a MODEL_FILE (or --resume RUN_DIR)")
     opts = opts or CompileOptions()
@@ -102,6 +106,7 @@ def train_model_file(model_file: str | Path | None, out: str | Path, opts: Compi
         data, note = ((lambda: mf.call("training_data")), "training_data() of the model file") \
             if mf.has("training_data") else (None, None)
         source = _source(model_file, model, mf, opts, scheduled, fixed)
+        data, note = _captured(train_kw, example, model, source, out, resume, log, data, note)
         return train_modules(model, specs, example, data, schedule=schedule, steps=steps, bits=bits, out=out,
                              resume=resume, scheduled_layers=scheduled, data_note=note, source=source,
                              stop_after=stop_after, progress=progress, log=log, **train_kw)
@@ -111,9 +116,34 @@ def train_model_file(model_file: str | Path | None, out: str | Path, opts: Compi
     else:
         data, note = None, None
     source = _source(model_file, teacher.info["module"], mf, opts, scheduled, fixed)
+    data, note = _captured(train_kw, teacher.example_inputs, teacher.graph_module, source, out, resume, log,
+                           data, note)
     return train(student, teacher, data, schedule=schedule, steps=steps, bits=bits, out=out, resume=resume,
                  scheduled_layers=scheduled, data_note=note, source=source, stop_after=stop_after,
                  progress=progress, log=log, **train_kw)
+
+
+def _captured(train_kw, example, teacher, source, out, resume, log, data, note):
+    """``--data DIR``: the capture's records as the training data (:mod:`fbqc.captured_data`), recorded
+    in ``source["capture"]``; a resumed run checks that the capture still holds the same records."""
+    import os
+
+    from fbqc.captured_data import training_data
+
+    if not train_kw.get("data_dir"):
+        return data, note
+    data, note, record = training_data(train_kw["data_dir"], example, teacher, seed=train_kw.get("seed", 0),
+                                       teacher_cache=bool(train_kw.get("teacher_cache")),
+                                       log=log if log is not None else print,
+                                       check_weights=os.environ.get("RANK", "0") == "0")
+    if resume:
+        was = ck.read_run(out)["source"].get("capture", {})
+        if was.get("records") != record["records"] or was.get("prompts") != record["prompts"]:
+            raise ck.RunError(f"{out}: the capture {train_kw['data_dir']} changed since the run started "
+                              f"({record['records']} records, was {was.get('records')}): its order, hence "
+                              f"the resumed position, would differ")
+    source["capture"] = record
+    return data, note
 
 
 def _source(model_file, module, mf, opts: CompileOptions, scheduled, fixed) -> dict[str, Any]:
@@ -134,6 +164,15 @@ def options_from(flags: dict[str, Any], **over: Any) -> CompileOptions:
     return CompileOptions(**d, **over)
 
 
+def run_model_file(run_dir: Path, run: dict[str, Any]) -> Path:
+    """The model file a run was trained from (its resolved path, else the path as given)."""
+    src = run["source"]
+    for path in (Path(src["model_file_resolved"]), Path(src["model_file"])):
+        if path.is_file():
+            return path
+    raise ck.RunError(f"{run_dir}: its model file {src['model_file']} is gone")
+
+
 def compile_run(run_dir: str | Path, out: str | Path | None, *, force: bool = False, progress: bool = True,
                 log: Callable[[str], None] = print, **compile_kw: Any) -> dict[str, Any]:
     """Compile a finished training run; ``compile_kw``: CompileOptions fields a run does not fix."""
@@ -145,11 +184,7 @@ def compile_run(run_dir: str | Path, out: str | Path | None, *, force: bool = Fa
                         f"come(s) from the run and cannot be given")
     state = ck.load_student(run_dir)
     src = run["source"]
-    model_file = Path(src["model_file_resolved"])
-    if not model_file.is_file():
-        model_file = Path(src["model_file"])
-    if not model_file.is_file():
-        raise ck.RunError(f"{run_dir}: its model file {src['model_file']} is gone")
+    model_file = run_model_file(run_dir, run)
     opts = options_from(src["flags"], **compile_kw)
     out = Path(out) if out is not None else Path("out") / run_dir.name
     record = {"dir": str(run_dir), "schedule": run["schedule"]["spec"], "schedule_name": run["schedule"]["name"],

@@ -120,7 +120,8 @@ class ModuleRuntime(_Runtime):
         self.world, self.device, self.strategy = world, device, strategy
         self.sharded = strategy == "fsdp"
         model.eval()
-        teacher = copy.deepcopy(model).requires_grad_(False)
+        cached = getattr(cfg, "teacher_cache", False)   # --teacher-cache: no teacher at all
+        teacher = None if cached else copy.deepcopy(model).requires_grad_(False)
         quantize_modules(model, specs, cfg.act_quant)
         trainable = _trainable(cfg.blocks_only)
         for name, p in model.named_parameters():
@@ -128,10 +129,10 @@ class ModuleRuntime(_Runtime):
         self.kwargs = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
         bf16 = torch.bfloat16 if device.type == "cuda" else None        # the teacher's computing dtype
         shard_teacher = self.sharded and not cfg.fsdp_replicate_teacher
-        if self.sharded and not shard_teacher and bf16:
+        if self.sharded and not shard_teacher and bf16 and teacher is not None:
             for p in teacher.parameters():   # what FSDP's bf16 all-gather would hand it, held whole
                 p.data = p.data.to(bf16)
-        for m, sharded in ((model, self.sharded), (teacher, shard_teacher)):
+        for m, sharded in ((model, self.sharded), (teacher, shard_teacher))[:1 if cached else 2]:
             if not sharded:
                 m.to(device)          # fsdp: fully_shard moves each shard, never the whole model
             blocks = [b for _, b in block_modules(m)]
@@ -148,8 +149,8 @@ class ModuleRuntime(_Runtime):
                               grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params, unit=cfg.fsdp_unit,
                               bucket_mb=cfg.ddp_bucket_mb)
         self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
-                                trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit) if shard_teacher
-                         else teacher)
+                                trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit)
+                         if shard_teacher and teacher is not None else teacher)
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
 
@@ -157,6 +158,8 @@ class ModuleRuntime(_Runtime):
         return self.wrapped(**sample, **self.kwargs)
 
     def teacher(self, **sample):
+        if self._teacher is None:
+            raise RuntimeError("--teacher-cache: no teacher was built; the KD target comes with the data")
         return self._teacher(**sample, **self.kwargs)
 
     def state(self, optimizer) -> tuple[dict, dict]:
@@ -175,7 +178,9 @@ class ModuleRuntime(_Runtime):
         self.world.barrier()
 
 
-def _teacher_fn(teacher, device) -> tuple[Callable, torch.nn.Module | None]:
+def _teacher_fn(teacher, device) -> tuple[Callable | None, torch.nn.Module | None]:
+    if teacher is None:                       # --teacher-cache: the KD target comes with the data
+        return None, None
     if isinstance(teacher, Program):
         view = retarget(teacher.copy(), device).graph_module      # shares the teacher's parameters
         return view, view

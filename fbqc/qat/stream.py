@@ -83,3 +83,19 @@ def source(data, data_note: str | None, example: dict, seed: int) -> tuple[Calla
     if data is None:
         return (lambda: SamplesAround(example, seed=seed)), DATA_FREE_NOTE
     return (data if callable(data) else (lambda: data)), data_note or "the given data"
+
+
+def split_target(sample: dict) -> tuple[dict, object]:
+    """(the inputs, the recorded KD target or None): ``--teacher-cache`` samples carry the teacher's
+    recorded output under :data:`fbqc.captured_data.TARGET`."""
+    from fbqc.captured_data import TARGET
+
+    if TARGET not in sample:
+        return sample, None
+    return {k: v for k, v in sample.items() if k != TARGET}, sample[TARGET]
+
+
+def inputs_only(samples: Iterable[dict]) -> list[dict] | Iterator[dict]:
+    """``samples`` without their recorded KD targets (a list stays a list)."""
+    out = (split_target(s)[0] for s in samples)
+    return list(out) if isinstance(samples, list) else out

@@ -13,6 +13,7 @@ averaged over the outputs, plus an optional task loss.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -40,6 +41,7 @@ from .runtime import ModuleRuntime, ProgramRuntime, describe
 from .schedule import Schedule
 from .student import bits_buffers, check_student, default_scheduled, set_bits
 from .summary import summarize, summary_text
+from fbqc.signals import Interrupted, StopAtStepEnd
 
 
 @dataclass
@@ -61,6 +63,9 @@ def kd_loss(student_out, teacher_out) -> torch.Tensor:
     s, t = _flat(student_out), _flat(teacher_out)
     if len(s) != len(t) or not s:
         raise ValueError(f"student has {len(s)} tensor outputs, teacher {len(t)}")
+    for a, b in zip(s, t):
+        if a.shape != b.shape:
+            raise ValueError(f"the student's output is {tuple(a.shape)}, the KD target {tuple(b.shape)}")
     return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(s, t)) / len(s)
 
 
@@ -68,7 +73,7 @@ def _calibrate_static(program: Program, factory, n: int, bits: float, layers, bu
     from fbqc.passes import Calibrate
 
     set_bits(buffers, layers, bits)
-    calibrated = Calibrate(factory(), n).run(program.copy()).program
+    calibrated = Calibrate(S.inputs_only(factory()), n).run(program.copy()).program
     with torch.no_grad():
         for node in program.graph.nodes:
             if node.target == torch.ops.fbqc.fake_quant_act.default:
@@ -108,7 +113,7 @@ def train(program: Program, teacher, data: Iterable[dict] | Callable[[], Iterabl
         buffers = bits_buffers(program)
         if cfg.act_quant == "static":
             _calibrate_static(program, factory, cfg.calib_samples, sched.bits_at(0), layers, buffers)
-        return ProgramRuntime(program, teacher, device, act_quant=cfg.act_quant,
+        return ProgramRuntime(program, None if cfg.teacher_cache else teacher, device, act_quant=cfg.act_quant,
                               blocks_only=cfg.blocks_only, compile=cfg.compile)
 
     factory, note = S.source(data, data_note, program.example_inputs, cfg.seed)
@@ -209,7 +214,7 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
         for i, part in enumerate(parts):
             if i == 0 and fresh:
                 for j, x in enumerate(part):
-                    _check_like(x, example, f"training data sample {lo + j}")
+                    _check_like(S.inputs_only([x])[0], example, f"training data sample {lo + j}")
             yield cfg.batch, rt.stage(S.collate(part), shard=not own)
 
     batches = S.prefetch(staged()) if rt.kind == "module" else staged()    # module: made while the GPU works
@@ -240,49 +245,58 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
         bar.update(1)
         bar.set_postfix(bits=f"{row['bits']:g}", loss=f"{row['loss']:.3e}", refresh=False)
 
+    stop = StopAtStepEnd(log) if world.size == 1 else contextlib.nullcontext()   # one process: no collective
     try:
-        for step in range(start, end):
-            bits = sched.bits_at(step)
-            if bits != current:
-                set_bits(rt.bits, layers, bits)
-                current = bits
-            n, sample = next(batches)
-            position += n
-            if cfg.cuda_graphs:                                 # last step's graph outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            sample = rt.prepare(sample)
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                with torch.no_grad():
-                    target = rt.teacher(**sample)
-                pred = rt.student(**sample)
-                kd = kd_loss(pred, target)
-                loss = kd + cfg.task_weight * task_loss(sample, pred) if task_loss else kd
-            loss.backward()
-            norm = rt.clip(cfg.clip)                            # a tensor: read when recorded
-            opt.step()
-            opt.zero_grad(set_to_none=True)                     # freed before the next forward
-            # the values are read one step later (no host sync between steps: the CPU queues step
-            # N+1 while the GPU runs step N); a non-finite loss still stops the run, a step late
-            row = {"step": step + 1, "bits": bits, "lr": lr}
-            record(pending)                                    # waits for the previous step only
-            pending = (row, D.Pending(world, loss, kd, norm), round(time.perf_counter() - t0, 4))
-            if prof is not None:
-                prof.step()
-            done = step + 1
-            if out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                                    or sched.changes_after(step) or done == end):
-                record(pending)
-                pending = None
-                student_state, optim_state = rt.state(opt)      # collective for the module student
-                if world.main:
-                    ck.save_checkpoint(out, done=done, student=student_state, optimizer=optim_state,
-                                       kind=rt.kind, schedule=sched.to_dict(), data_position=position,
-                                       device=device)
-                world.barrier()
-        record(pending)
+        with stop:
+            for step in range(start, end):
+                bits = sched.bits_at(step)
+                if bits != current:
+                    set_bits(rt.bits, layers, bits)
+                    current = bits
+                n, sample = next(batches)
+                position += n
+                if cfg.cuda_graphs:                                 # last step's graph outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                sample, cached = S.split_target(rt.prepare(sample))     # cached: --teacher-cache's KD target
+                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    if cached is None:
+                        with torch.no_grad():
+                            target = rt.teacher(**sample)
+                    else:
+                        target = cached
+                    pred = rt.student(**sample)
+                    kd = kd_loss(pred, target)
+                    loss = kd + cfg.task_weight * task_loss(sample, pred) if task_loss else kd
+                loss.backward()
+                norm = rt.clip(cfg.clip)                            # a tensor: read when recorded
+                opt.step()
+                opt.zero_grad(set_to_none=True)                     # freed before the next forward
+                # the values are read one step later (no host sync between steps: the CPU queues step
+                # N+1 while the GPU runs step N); a non-finite loss still stops the run, a step late
+                row = {"step": step + 1, "bits": bits, "lr": lr}
+                record(pending)                                    # waits for the previous step only
+                pending = (row, D.Pending(world, loss, kd, norm), round(time.perf_counter() - t0, 4))
+                if prof is not None:
+                    prof.step()
+                done = step + 1
+                interrupted = getattr(stop, "signum", None) is not None
+                if out is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                        or sched.changes_after(step) or done == end or interrupted):
+                    record(pending)
+                    pending = None
+                    student_state, optim_state = rt.state(opt)      # collective for the module student
+                    if world.main:
+                        ck.save_checkpoint(out, done=done, student=student_state, optimizer=optim_state,
+                                           kind=rt.kind, schedule=sched.to_dict(), data_position=position,
+                                           device=device)
+                    world.barrier()
+                if interrupted:
+                    raise Interrupted(f"checkpoint saved at step {done}/{cfg.steps}; continue with "
+                                      f"fbqc train --resume {out}" if out is not None else f"at step {done}")
+            record(pending)
     finally:
         if prof is not None:
             prof.stop()
@@ -328,8 +342,9 @@ def _open_run(out: Path | None, resume: bool, cfg: TrainConfig, sched: Schedule,
             raise ck.RunError(f"{out}: the run trained the {'module' if saved_module else 'program'} student "
                               f"({'--strategy ddp|fsdp' if saved_module else '--nproc 1, no --strategy'}); "
                               f"resume it the same way")
-        diff = {k: (run["train"].get(k), v) for k, v in asdict(cfg).items()
-                if k not in ("steps", "schedule", "bits", *EXECUTION) and run["train"].get(k) != v}
+        was = {**asdict(TrainConfig()), **run["train"]}         # a run from before a setting existed: its default
+        diff = {k: (was.get(k), v) for k, v in asdict(cfg).items()
+                if k not in ("steps", "schedule", "bits", *EXECUTION) and was.get(k) != v}
         if diff:
             raise ck.RunError(f"{out}: resume with the run's own settings; changed: "
                               + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in diff.items()))

@@ -60,7 +60,8 @@ def check_emitted_c(directory: Path, loaded, io: dict[str, Any], section: dict[s
         run_s, _ = run(binary, inputs, work / "out_free.bin", weights=weights, dump=free)
         c_out = read_tensors(work / "out_free.bin", section["outputs"])
         c_in = read_tensors(inputs, section["inputs"])
-        ref_inputs = {r["name"]: t for r, t in zip(section["inputs"], c_in)}
+        ref_inputs = {**(io or {}).get("inputs", {}),         # non-tensor leaves (None) the C never reads
+                      **{r["name"]: t for r, t in zip(section["inputs"], c_in)}}
         t = time.perf_counter()
         ref_out = loaded.run(ref_inputs)
         ref_s = time.perf_counter() - t

@@ -30,6 +30,7 @@ class CodeGen:
         self.chunks: list[Chunk] = []
         self.layers: list[dict[str, Any]] = []        # quantized layers, in graph order
         self.inputs: list[Value] = []
+        self.input_names: list[str] = []              # their placeholders (non-tensor leaves are no input)
         self.outputs: list[Value] = []
         self._declared_weights: dict[str, Value] = {}
         self._chunk: Chunk | None = None
@@ -55,6 +56,9 @@ class CodeGen:
         return self._body()
 
     def _placeholder(self, node: fx.Node) -> None:
+        t = node.meta.get("val")
+        if not node.users and not isinstance(t, torch.Tensor):
+            return                                # a non-tensor input leaf the graph never reads (None)
         t = meta_val(node)
         if not isinstance(t, torch.Tensor):
             raise UserError(f"--emit-c: input {node.name} is a {type(t).__name__}, only tensor inputs "
@@ -64,6 +68,7 @@ class CodeGen:
         self.line(f"const {ct} *{name} = (const {ct} *)inputs[{len(self.inputs)}];")
         v = Value(name, t.dtype, tuple(t.shape), None, const=True)
         self.inputs.append(v)
+        self.input_names.append(node.name)
         self.values[node] = v
 
     def _output(self, node: fx.Node) -> None:

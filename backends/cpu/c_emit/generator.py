@@ -65,7 +65,7 @@ def emit_c(program: Program, out_dir: Path, *, inputs: dict[str, Any] | None = N
     body = gen.run()
     wdesc = weights.write(out_dir / WEIGHTS_FILE)
     name = program.info.get("module", "model")
-    ins = _io_rows(gen.inputs, [n.name for n in program.graph.nodes if n.op == "placeholder"])
+    ins = _io_rows(gen.inputs, gen.input_names)
     outs = _io_rows(gen.outputs, [f"output{i}" for i in range(len(gen.outputs))])
     layers = [{"index": i, "name": e["name"], "kind": e["kind"], "node": e["node"], "K": e["K"], "N": e["N"]}
               for i, e in enumerate(gen.layers)]
@@ -97,7 +97,8 @@ def _io_rows(values, names) -> list[dict[str, Any]]:
 def _write_inputs(path: Path, program: Program, inputs, rows) -> None:
     inputs = inputs if inputs is not None else program.example_inputs
     names = [r["name"] for r in rows]
-    tensors = [inputs[n] for n in names] if all(n in inputs for n in names) else list(inputs.values())
+    by_name = _leaves_by_placeholder(program, inputs)
+    tensors = [by_name[n] for n in names] if all(n in by_name for n in names) else list(inputs.values())
     if len(tensors) != len(rows):
         raise UserError(f"--emit-c: the program takes {len(rows)} inputs, {len(tensors)} example inputs given")
     with open(path, "wb") as f:
@@ -160,3 +161,18 @@ def copy_runtime(dest: Path) -> None:
     runtime = resources.files(__package__) / "runtime"
     for f in RUNTIME_FILES:
         shutil.copyfile(str(runtime / f), dest / f)
+
+
+def _leaves_by_placeholder(program: Program, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The input pytree's leaves (nested dicts, ``None``) by the placeholder that receives each."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    names = [n.name for n in program.graph.nodes if n.op == "placeholder"]
+    spec = getattr(program.graph_module, "_in_spec", None)
+    try:
+        leaves = tree_flatten_spec(((), inputs), spec) if spec is not None else None
+    except Exception:  # noqa: BLE001 - inputs not shaped like the program's: matched by name below
+        leaves = None
+    if leaves is None or len(leaves) != len(names):
+        return {k: v for k, v in inputs.items()}
+    return dict(zip(names, leaves))

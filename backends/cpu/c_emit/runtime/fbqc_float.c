@@ -125,12 +125,23 @@ void fbqc_softmax_f32(float *y, const float *x, long rows, long cols) {
 /* per head: S = Q K^T * scale, P = softmax(S), O = P V */
 void fbqc_sdpa_f32(float *out, const float *q, const float *k, const float *v, long bh, long lq,
                    long lk, long d, long dv, float scale) {
+    fbqc_sdpa_mask_f32(out, q, k, v, NULL, bh, 1, lq, lk, d, dv, scale, 0, 0, 0);
+}
+
+void fbqc_sdpa_mask_f32(float *out, const float *q, const float *k, const float *v, const float *mask,
+                        long bh, long heads, long lq, long lk, long d, long dv, float scale,
+                        long m_batch, long m_head, long m_row) {
     FBQC_PARALLEL_FOR_DYNAMIC
     for (long h = 0; h < bh; h++) {
         float *kt = transposed(k + h * lk * d, lk, d);    /* (d, lk) */
         float *s = (float *)fbqc_alloc((size_t)(lq * lk) * sizeof(float));
         fbqc_gemm_f32(lq, lk, d, q + h * lq * d, d, kt, lk, s, lk);
         for (long i = 0; i < lq * lk; i++) s[i] = s[i] * scale;
+        if (mask) {                                        /* additive: s + mask[b][head][row][col] */
+            const float *m = mask + (h / heads) * m_batch + (h % heads) * m_head;
+            for (long i = 0; i < lq; i++)
+                for (long j = 0; j < lk; j++) s[i * lk + j] = s[i * lk + j] + m[i * m_row + j];
+        }
         for (long i = 0; i < lq; i++) softmax_row(s + i * lk, s + i * lk, lk);
         fbqc_gemm_f32(lq, dv, lk, s, lk, v + h * lk * dv, dv, out + h * lq * dv, dv);
         free(s);

@@ -122,6 +122,11 @@ void fbqc_bmm_f32(float *out, const float *a, const float *c, long batch, long M
 /* scaled dot-product attention, no mask: out (BH, Lq, Dv) */
 void fbqc_sdpa_f32(float *out, const float *q, const float *k, const float *v, long bh, long lq,
                    long lk, long d, long dv, float scale);
+/* the same with an additive float mask: element (b, head, i, j) at b*m_batch + head*m_head + i*m_row + j
+   (a stride of 0 broadcasts that dimension); query head h is (b, head) = (h / heads, h % heads) */
+void fbqc_sdpa_mask_f32(float *out, const float *q, const float *k, const float *v, const float *mask,
+                        long bh, long heads, long lq, long lk, long d, long dv, float scale,
+                        long m_batch, long m_head, long m_row);
 void fbqc_softmax_f32(float *y, const float *x, long rows, long cols);
 void fbqc_layer_norm_f32(float *y, const float *x, const float *w, const float *b, long rows,
                          long cols, float eps);

@@ -1,0 +1,39 @@
+"""Option parsers and output helpers shared by the ``fbqc`` commands (their own module so that each
+command module imports them without importing :mod:`fbqc.cli`)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+
+def _bits(ctx, param, value):
+    if value is None:
+        return None
+    from .quant_math import check_bits
+    try:
+        return check_bits(value, "--bits")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _pairs(ctx, param, values) -> dict[str, float]:
+    out = {}
+    from .quant_math import check_bits
+    for v in values:
+        pattern, sep, bits = v.rpartition("=")
+        if not sep or not pattern:
+            raise click.BadParameter(f"{v!r}: expected PATTERN=BITS, e.g. 'proj_out=8'")
+        try:
+            out[pattern] = check_bits(bits, f"bits for {pattern!r}")
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return out
+
+
+def _emit(ctx: click.Context, data: Any, text: str) -> None:
+    if ctx.find_root().params.get("as_json") or ctx.params.get("as_json"):
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)

@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM (``timeout``, CI, Slurm) end every command the same clean way.
+
+:func:`install` makes SIGTERM raise :class:`KeyboardInterrupt` like SIGINT, so temporary directories
+are removed (``fbqc.outputs.staging``) and the CLI exits with one line (130 for SIGINT, 143 for
+SIGTERM). :class:`StopAtStepEnd` lets a training loop finish its step and save a checkpoint first.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+#: the signal that interrupted this process (the CLI's exit code is 128 + it)
+received: int | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt after which something was saved; its message says what and how to continue."""
+
+
+def _raise(signum, frame):
+    global received
+    received = signum
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """SIGTERM behaves as SIGINT (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
+
+
+def exit_code() -> int:
+    return 128 + (received or signal.SIGINT)
+
+
+class StopAtStepEnd:
+    """While active, the first SIGINT/SIGTERM only sets :attr:`signum` (the loop stops at the end of
+    its step); a second one interrupts at once."""
+
+    def __init__(self, say=lambda s: print(s, file=sys.stderr)) -> None:
+        self.signum: int | None = None
+        self.say = say
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        global received
+        received = signum
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.say("stopping after this step (saving a checkpoint); interrupt again to stop at once")
+
+    def __enter__(self) -> "StopAtStepEnd":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

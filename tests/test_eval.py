@@ -1,0 +1,197 @@
+"""``fbqc eval``: the capture's prompts through the pipeline with a student transformer (issue 15 part 4).
+
+One tiny Sana capture (3 prompts of >= 8 words so the text mask is all ones, 3 steps, guidance 1: no
+uncond branch whose padding mask a compiled program would drop) and one tiny FLUX capture (2 steps).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import example
+from fbqc.cli import main
+from fbqc.errors import UserError
+from fbqc.eval_run import evaluate
+from fbqc.students import Student
+
+PROMPTS = ["a red cat sitting on a wooden table in the morning light",
+           "a blue house near the sea at sunset with many clouds",
+           "a small robot reading a book in an old library room"]
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory):
+    from fbqc.capture import capture
+
+    root = tmp_path_factory.mktemp("eval")
+    (root / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = {}
+    for arch, kw in (("sana", dict(steps=3, guidance=1.0)), ("flux_schnell", dict(steps=2, num_prompts=2))):
+        out[arch] = root / f"cap_{arch}"
+        capture(example(arch), root / "p.txt", out[arch], **kw)
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def float_eval(caps):
+    return evaluate(None, caps["sana"], caps["root"] / "e_float", float_model=True, progress=False,
+                    log=lambda s: None)
+
+
+def test_float_model_drift_zero_psnr_inf(caps, float_eval):
+    r = float_eval
+    assert r["target"]["kind"] == "float" and r["aggregate"]["failed"] == 0
+    assert len(r["prompts"]) == 3
+    for p in r["prompts"]:
+        d = p["drift"]
+        assert d["step"] == [0, 1, 2]
+        assert d["hidden_states_mse"] == [0.0] * 3 and d["output_mse"] == [0.0] * 3
+        assert d["hidden_states_cosine"] == pytest.approx([1.0] * 3) and p["final_latent_mse"] == 0.0
+        assert p["psnr"] == "inf" and p["psnr_infinite"] and p["ssim"] == pytest.approx(1.0)
+        student = np.asarray(Image.open(caps["root"] / "e_float" / p["image"]))
+        teacher = np.asarray(Image.open(p["teacher_image"]))
+        assert np.array_equal(student, teacher)
+    on_disk = json.loads((caps["root"] / "e_float" / "eval.json").read_text())
+    assert on_disk["kind"] == "fbqc-eval" and on_disk["aggregate"]["psnr_mean"] == "inf"
+
+
+def test_metric_is_live_and_report(caps, float_eval):
+    def wrap(teacher):                        # the teacher's output, 2 % too large
+        return lambda **kw: [teacher(**kw)[0] * 1.02]
+    student = Student("custom", {"kind": "custom", "note": "float x 1.02"}, None, wrap=wrap)
+    out = caps["root"] / "e_perturbed"
+    r = evaluate(student, caps["sana"], out, progress=False, log=lambda s: None, num_prompts=2)
+    for p in r["prompts"]:
+        assert isinstance(p["psnr"], float) and 10 < p["psnr"] < 80
+        assert p["drift"]["hidden_states_mse"][0] == 0.0 and p["drift"]["hidden_states_mse"][-1] > 0
+        assert p["final_latent_mse"] > 0
+    # independent PSNR from the PNGs
+    p = r["prompts"][0]
+    s = np.asarray(Image.open(out / p["image"])).astype(np.float64) / 255
+    t = np.asarray(Image.open(p["teacher_image"])).astype(np.float64) / 255
+    assert p["psnr"] == pytest.approx(10 * np.log10(1.0 / np.mean((s - t) ** 2)), rel=1e-5)
+    html = (caps["root"] / "e_float" / "report.html").read_text()
+    assert html.count("class='row'") == 3
+    srcs = re.findall(r"src=['\"]([^'\"]*)", html)
+    assert srcs and all(x.startswith("data:image/png;base64,") for x in srcs)
+    assert len(srcs) == 1 + 3 * 3                       # drift plot + teacher|student|diff per prompt
+    assert "× 4" in html and "∞" in html
+
+
+def test_non_finite_student_fails_prompt_and_exit_code(caps, monkeypatch):
+    from fbqc import eval_run
+
+    def wrap(teacher):                        # NaN from the second transformer call (step 1) on
+        calls = []
+
+        def run(**kw):
+            calls.append(1)
+            out = teacher(**kw)[0]
+            return [out * float("nan") if len(calls) >= 2 else out]
+        return run
+
+    def fake_load(target, **kw):
+        return Student("custom", {"kind": "custom"}, None, wrap=wrap)
+    monkeypatch.setattr(eval_run, "load_student", fake_load)
+    res = CliRunner().invoke(main, ["eval", "--float", "--data", str(caps["sana"]), "-o",
+                                    str(caps["root"] / "e_nan"), "-q", "--num-prompts", "1"])
+    assert res.exit_code == 1, res.output
+    assert "FAILED" in res.output
+    r = json.loads((caps["root"] / "e_nan" / "eval.json").read_text())
+    p = r["prompts"][0]
+    assert p["status"] == "failed" and p["failed_step"] == 1 and p.get("psnr") is None
+    assert r["aggregate"]["failed"] == 1 and r["aggregate"]["psnr_mean"] is None
+
+
+@pytest.mark.parametrize("arch", ["sana", "flux_schnell"])
+def test_w8_ptq_beats_w3(caps, compiled, arch):
+    res = {}
+    for bits in (8, 3):
+        art, _ = compiled(arch, float(bits))
+        args = ["eval", str(art), "--data", str(caps[arch]), "-o", str(caps["root"] / f"e_{arch}_w{bits}"), "--json"]
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 0, out.output
+        res[bits] = json.loads(out.output[out.output.index("{"):])
+        assert res[bits]["target"]["kind"] == "artifact" and res[bits]["warnings"] == []
+    a8, a3 = res[8]["aggregate"], res[3]["aggregate"]
+    assert a8["psnr_mean"] > a3["psnr_mean"] and a8["final_latent_mse_mean"] < a3["final_latent_mse_mean"]
+    assert a8["ssim_mean"] >= a3["ssim_mean"]
+
+
+def test_qat_run_target_and_fid_needs_two(caps, tmp_path):
+    from fbqc.qat.run import train_model_file
+
+    run = tmp_path / "run"
+    train_model_file(example("sana"), run, steps=3, bits=4.0, progress=False, log=lambda s: None)
+    feat = tmp_path / "feat.pt"
+    torch.jit.save(torch.jit.script(_Feat()), str(feat))
+    lines = []
+    r = evaluate(run, caps["sana"], tmp_path / "e_qat", num_prompts=1, fid_features=feat, progress=False,
+                 log=lines.append)
+    assert r["target"]["kind"] == "qat" and r["target"]["act_quant"] == "dynamic"
+    p = r["prompts"][0]
+    assert p["status"] == "ok" and isinstance(p["psnr"], float) and p["final_latent_mse"] > 0
+    assert "at least 2 images" in r["skipped"]["fid"] and "fid" not in r["aggregate"]
+
+
+class _Feat(torch.nn.Module):
+    """A tiny feature network: uint8 (N, 3, H, W) → (N, 2)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.conv(x.to(torch.float32) / 255.0))
+        return y.mean(dim=(2, 3)) * 10
+
+
+def test_fid_equals_independent_frechet_and_skip_hints(caps, compiled, tmp_path):
+    import scipy.linalg
+
+    feat = tmp_path / "feat.pt"
+    net = _Feat()
+    torch.jit.save(torch.jit.script(net), str(feat))
+    art, _ = compiled("sana", 3.0)
+    lines = []
+    r = evaluate(art, caps["sana"], tmp_path / "e_fid", fid_features=feat, progress=False, log=lines.append)
+    assert set(r["skipped"]) == {"clip", "lpips"}
+    assert [ln for ln in lines if "skipped" in ln] == [r["skipped"]["clip"], r["skipped"]["lpips"]]
+    assert "--clip" in r["skipped"]["clip"] and "--lpips" in r["skipped"]["lpips"]
+
+    def features(paths):
+        imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                            for p in paths])
+        with torch.no_grad():
+            return net(imgs).double().numpy()
+    fs = features([tmp_path / "e_fid" / p["image"] for p in r["prompts"]])
+    ft = features([p["teacher_image"] for p in r["prompts"]])
+    mu1, mu2, s1, s2 = fs.mean(0), ft.mean(0), np.cov(fs, rowvar=False), np.cov(ft, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    want = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert want > 0
+    assert r["aggregate"]["fid"] == pytest.approx(want, rel=1e-3, abs=1e-6)
+
+
+def test_force_refuses_foreign_directory(caps, float_eval, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="--force"):
+        evaluate(None, caps["sana"], foreign, float_model=True, force=True, progress=False, log=lambda s: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="exists"):
+        evaluate(None, caps["sana"], caps["root"] / "e_float", float_model=True, progress=False,
+                 log=lambda s: None)
+    r = evaluate(None, caps["sana"], caps["root"] / "e_float", float_model=True, force=True, num_prompts=1,
+                 progress=False, log=lambda s: None)                 # an fbqc eval directory: replaced
+    assert len(json.loads((caps["root"] / "e_float" / "eval.json").read_text())["prompts"]) == 1
+    assert r["aggregate"]["psnr_mean"] == "inf"

@@ -32,7 +32,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt as e:
+        except (KeyboardInterrupt, signals.Stop) as e:
             click.echo(f"\ninterrupted{': ' + str(e) if str(e) else ''}", err=True)
             ctx.exit(signals.exit_code())
         except Exception as e:  # noqa: BLE001 - one clean line, traceback with --debug

@@ -58,7 +58,7 @@ def _text(r: dict) -> str:
 @click.option("--dry-run", is_flag=True, help="Run one prompt at 2 steps and print bytes and time "
               "per prompt and in all; writes nothing.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it is an fbqc capture.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def capture(model_file, prompts, output, preset, checkpoint, num_prompts, steps, guidance, resolution,
             seed_offset, dry_run, force, quiet, as_json):

@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM (``timeout``, CI, Slurm) end every command the same clean way.
 
-:func:`install` makes SIGTERM raise :class:`KeyboardInterrupt` like SIGINT, so temporary directories
-are removed (``fbqc.outputs.staging``) and the CLI exits with one line (130 for SIGINT, 143 for
+:func:`install` makes SIGTERM raise :class:`Stop`, handled like SIGINT's ``KeyboardInterrupt``, so
+temporary directories are removed (``fbqc.outputs.staging``) and the CLI exits with one line (130 for SIGINT, 143 for
 SIGTERM). :class:`StopAtStepEnd` lets a training loop finish its step and save a checkpoint first.
 """
 from __future__ import annotations
@@ -14,13 +14,23 @@ import threading
 received: int | None = None
 
 
-class Interrupted(KeyboardInterrupt):
-    """An interrupt after which something was saved; its message says what and how to continue."""
+class Stop(BaseException):
+    """A command stopped by a signal: SIGTERM (SIGINT stays ``KeyboardInterrupt``), or a loop that
+    finished its step first; the message says what was saved and how to continue. Not a
+    ``KeyboardInterrupt`` on purpose: CPython ends a process with SIGINT, whatever the exit code the
+    program chose, once a ``KeyboardInterrupt`` has passed through certain C-API calls (pybind11's
+    ``exec`` inside torch does), so SIGTERM could otherwise end as "killed by SIGINT"."""
+
+
+#: the name the training loop raises after saving a checkpoint
+Interrupted = Stop
 
 
 def _raise(signum, frame):
     global received
     received = signum
+    if signum == signal.SIGTERM:
+        raise Stop()
     raise KeyboardInterrupt
 
 
@@ -47,7 +57,7 @@ class StopAtStepEnd:
         global received
         received = signum
         if self.signum is not None:
-            raise KeyboardInterrupt
+            _raise(signum, frame)
         self.signum = signum
         self.say("stopping after this step (saving a checkpoint); interrupt again to stop at once")
 

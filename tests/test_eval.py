@@ -1,7 +1,8 @@
 """``fbqc eval``: the capture's prompts through the pipeline with a student transformer (issue 15 part 4).
 
-One tiny Sana capture (3 prompts of >= 8 words so the text mask is all ones, 3 steps, guidance 1: no
-uncond branch whose padding mask a compiled program would drop) and one tiny FLUX capture (2 steps).
+One tiny Sana capture (3 prompts, 3 steps, its pipeline's classifier-free guidance: the uncond branch's
+text is padding, masked through ``encoder_attention_mask``, an input of the compiled program) and one tiny
+FLUX capture (2 steps, no guidance).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def caps(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     out = {}
-    for arch, kw in (("sana", dict(steps=3, guidance=1.0)), ("flux_schnell", dict(steps=2, num_prompts=2))):
+    for arch, kw in (("sana", dict(steps=3)), ("flux_schnell", dict(steps=2, num_prompts=2))):
         out[arch] = root / f"cap_{arch}"
         capture(example(arch), root / "p.txt", out[arch], **kw)
     out["root"] = root
@@ -111,18 +112,18 @@ def test_non_finite_student_fails_prompt_and_exit_code(caps, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["sana", "flux_schnell"])
-def test_w8_ptq_beats_w3(caps, compiled, arch):
+def test_w8_ptq_beats_w4(caps, compiled, arch):
     res = {}
-    for bits in (8, 3):
+    for bits in (8, 4):
         art, _ = compiled(arch, float(bits))
         args = ["eval", str(art), "--data", str(caps[arch]), "-o", str(caps["root"] / f"e_{arch}_w{bits}"), "--json"]
         out = CliRunner().invoke(main, args)
         assert out.exit_code == 0, out.output
         res[bits] = json.loads(out.output[out.output.index("{"):])
         assert res[bits]["target"]["kind"] == "artifact" and res[bits]["warnings"] == []
-    a8, a3 = res[8]["aggregate"], res[3]["aggregate"]
-    assert a8["psnr_mean"] > a3["psnr_mean"] and a8["final_latent_mse_mean"] < a3["final_latent_mse_mean"]
-    assert a8["ssim_mean"] >= a3["ssim_mean"]
+    a8, a4 = res[8]["aggregate"], res[4]["aggregate"]
+    assert a8["psnr_mean"] > a4["psnr_mean"] and a8["final_latent_mse_mean"] < a4["final_latent_mse_mean"]
+    # (SSIM on these random-weight images, 3 steps and 3 prompts, is within noise: not ranked here)
 
 
 def test_qat_run_target_and_fid_needs_two(caps, tmp_path):
@@ -195,3 +196,17 @@ def test_force_refuses_foreign_directory(caps, float_eval, tmp_path):
                  progress=False, log=lambda s: None)                 # an fbqc eval directory: replaced
     assert len(json.loads((caps["root"] / "e_float" / "eval.json").read_text())["prompts"]) == 1
     assert r["aggregate"]["psnr_mean"] == "inf"
+
+
+def test_htp_artifact_on_the_simulator(caps, compiled):
+    """The context binary runs in the pipeline on the x86 HTP simulator (fp16 float ops there): its images
+    are close to the cpu reference's for the same W4A8 model."""
+    res = {}
+    for target in ("cpu", "htp"):
+        art, _ = compiled("sana", 4.0, target=target)
+        res[target] = evaluate(art, caps["sana"], caps["root"] / f"e_sana_{target}", num_prompts=1,
+                               progress=False, log=lambda s: None)
+        assert res[target]["target"]["backend"] == target and res[target]["warnings"] == []
+    cpu, htp = res["cpu"]["prompts"][0], res["htp"]["prompts"][0]
+    assert htp["status"] == "ok" and abs(htp["psnr"] - cpu["psnr"]) < 3.0
+    assert htp["final_latent_cosine"] > 0.99

@@ -51,7 +51,7 @@ def _user_error(e: Exception) -> Exception:
     return e
 
 
-from .cli_options import _bits, _emit, _pairs  # noqa: E402 - shared by the commands
+from .cli_options import _bits, _emit, _pairs, _progress  # noqa: E402 - shared by the commands
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +121,7 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
                  if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         log = (lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True))
         result = compile_run(model_file, output or Path("out") / model_file.resolve().name, force=force,
-                             progress=not (quiet or as_json), log=log, target=target,
+                             progress=_progress(quiet or as_json), log=log, target=target,
                              calib_samples=calib_samples, observer=observer, verify_each=verify_each,
                              print_after_change=print_after_change, emit_c=emit_c, c_flags=c_flags,
                              soc=soc, calib_data=str(calib_data) if calib_data else None, **given)
@@ -149,7 +149,7 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
         return
     out = output or Path("out") / model_file.stem
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    result = compile_model(model_file, out, opts, force=force, progress=not quiet, log=log)
+    result = compile_model(model_file, out, opts, force=force, progress=_progress(quiet), log=log)
     _emit(ctx, result, compile_summary(result))
     if emit_c:
         from fbqc.backends.cpu.c_emit import build_command, normalize_cflags

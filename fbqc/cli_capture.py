@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .cli_options import _progress
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -69,6 +71,6 @@ def capture(model_file, prompts, output, preset, checkpoint, num_prompts, steps,
     out = output or Path("data") / (Path(model_file).stem + (f"-{preset}" if preset else ""))
     result = run(model_file, prompts, None if dry_run else out, preset=preset, checkpoint=checkpoint,
                  num_prompts=num_prompts, steps=steps, guidance=guidance, resolution=resolution,
-                 seed_offset=seed_offset, dry_run=dry_run, force=force, progress=not (quiet or as_json),
+                 seed_offset=seed_offset, dry_run=dry_run, force=force, progress=_progress(quiet or as_json),
                  log=(lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True)))
     click.echo(json.dumps(result, indent=2) if as_json else _text(result))

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from .cli_options import _progress
+
 
 def summary_text(r: dict[str, Any]) -> str:
     from .image_metrics import fmt
@@ -82,7 +84,7 @@ def eval_cmd(ctx, target, data, output, num_prompts, float_model, fake_quant, fi
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     result = evaluate(target, data, out, num_prompts=num_prompts, fake_quant=fake_quant,
                       float_model=float_model, fid_features=fid_features, clip=clip, lpips=lpips,
-                      force=force, progress=not quiet, log=log)
+                      force=force, progress=_progress(quiet), log=log)
     _emit(ctx, result, summary_text(result))
     if result["aggregate"]["failed"]:
         ctx.exit(1)

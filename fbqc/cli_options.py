@@ -3,6 +3,7 @@ command module imports them without importing :mod:`fbqc.cli`)."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -37,3 +38,9 @@ def _emit(ctx: click.Context, data: Any, text: str) -> None:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         click.echo(text)
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars only on a terminal: redirected to a file or a pipe, the log lines stay and the
+    bars (carriage returns, escape codes) go."""
+    return not quiet and sys.stderr.isatty()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import _bits, _emit, _pairs
+from .cli_options import _bits, _emit, _pairs, _progress
 from .errors import UserError
 
 
@@ -112,11 +112,13 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
     if resume is not None:
         keep = {"model_file", "resume", "steps", "schedule", "quiet", "as_json", "stop_after", "output",
                 "use_profile", *EXECUTION}
-        changed = [k for k in ctx.params if k not in keep
-                   and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        given = [k for k in ctx.params if k not in keep
+                 and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        changed = _differing(given, ctx.params, resume) if given else []
         if changed:
             raise UserError(f"--resume continues with the run's own settings; drop "
-                            f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
+                            f"{', '.join('--' + k.replace('_', '-') for k in changed)} (the run has "
+                            f"other values)")
         if output is not None and output.resolve() != resume.resolve():
             raise UserError(f"--resume {resume} writes into that run; drop -o {output}")
         out, kw, replace = resume, {}, False
@@ -162,6 +164,45 @@ def _train(ctx, model_file, out, schedule, steps, resume, stop_after, quiet, log
                or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
     kw["profile"] = use_profile                   # this command's, also on --resume
     result = train_model_file(model_file, out, schedule=schedule, steps=steps, resume=resume is not None,
-                              progress=not quiet, log=log, stop_after=stop_after, report=False, **kw)
+                              progress=_progress(quiet), log=log, stop_after=stop_after, report=False, **kw)
     if os.environ.get("RANK", "0") == "0":
         _emit(ctx, result.summary, summary_text(result.summary, out))
+
+
+#: train options whose run.json name differs (value maps included)
+_RUN_NAMES = {"all_params": ("blocks_only", lambda v: not v), "use_compile": ("compile", bool),
+              "data": ("data_dir", lambda v: str(Path(v).resolve()) if v is not None else None)}
+_SOURCE_FLAGS = ("scheme", "include", "exclude", "layer_bits", "a16", "preset", "checkpoint")
+
+
+def _differing(given: list[str], params: dict, run_dir: Path) -> list[str]:
+    """The given options whose value is not the run's own (repeating the run's own flags is fine)."""
+    from .qat import checkpoint as ck
+
+    run = ck.read_run(run_dir)
+    train, flags = run.get("train", {}), run.get("source", {}).get("flags", {})
+
+    def norm(v):
+        if isinstance(v, (tuple, list)):
+            return [norm(x) for x in v] or None
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()} or None
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    out = []
+    for k in given:
+        v = params[k]
+        if k == "bits":
+            ours = train.get("bits") if train.get("bits") is not None else flags.get("bits")
+        elif k in _SOURCE_FLAGS:
+            ours = flags.get(k)
+        elif k in _RUN_NAMES:
+            name, conv = _RUN_NAMES[k]
+            ours, v = train.get(name), conv(v)
+        else:
+            ours = train.get(k, object())
+        if norm(v) != norm(ours):
+            out.append(k)
+    return out

@@ -209,8 +209,9 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     log(f"exported {program.info['module']} in {timings['export']:.1f} s "
         f"({len(program.graph.nodes)} nodes)")
     with torch.no_grad():
-        t = time.perf_counter()
         float_out = _flat(program.run_example())
+        t = time.perf_counter()                      # a warm forward: the first one pays one-off costs
+        program.run_example()
         timings["float_forward"] = time.perf_counter() - t
 
     from .captured_data import Calibration       # --calib-data, calibration_data() or the data-free default

@@ -21,6 +21,31 @@ def _bits_mix(layers: list[dict]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(mix.items()))
 
 
+def _placement(b: dict[str, Any]) -> str | None:
+    """An htp artifact's placement: nodes on the HTP vs the CPU (None: the backend records none)."""
+    p = b.get("placement")
+    if not p:
+        return None
+    on = p["by_execution_provider"].get("QNNExecutionProvider", 0)
+    return f"{on:,} of {p['nodes']:,} ONNX nodes on the HTP ({p['soc']}, v{p['htp_arch']}), {p['cpu_nodes']} on the CPU"
+
+
+def _context_binary(b: dict[str, Any]) -> str | None:
+    c = b.get("context_binary")
+    if not c and "model_ctx_qnn.bin" in b.get("sizes", {}):
+        c = {"file": "model_ctx_qnn.bin", "bytes": b["sizes"]["model_ctx_qnn.bin"]}
+    if not c:
+        return None
+    line = f"{c['file']} {_mb(c['bytes'])}"
+    if "stable_sha256" in c:
+        line += f", stable sha256 {c['stable_sha256'][:12]}… ({c['varying_bytes']:,} varying bytes masked)"
+    return line
+
+
+def _run(r: dict[str, Any]) -> str:
+    return f"{r['dir']} (schedule {r['schedule']}, {r['steps']} steps)"
+
+
 def compile_summary(result: dict[str, Any]) -> str:
     m = result["manifest"]
     s, a = m["size"], m["agreement"]
@@ -38,6 +63,9 @@ def compile_summary(result: dict[str, Any]) -> str:
         ["integer vs float", f"max abs {e2e_f['max_abs']:.3g}, rel {e2e_f['rel_error']:.3g}"],
         ["time", f"{result['timings']['total']:.1f} s, peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB"],
     ]
+    extra = [["placement", _placement(m["backend"])], ["context binary", _context_binary(m["backend"])],
+             ["trained in run", _run(m["run"]) if m.get("run") else None]]
+    rows[2:2] = [r for r in extra if r[1]]
     return _table(["compile", ""], rows)
 
 
@@ -73,7 +101,12 @@ def inspect_summary(m: dict[str, Any]) -> str:
              f"inputs   " + ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in m["inputs"].items()),
              f"size     {_mb(s['float_bytes'])} → {_mb(s['bytes_after'])}, "
              f"{s['bits_per_quantized_param']:.3f} bits per quantized param",
-             "stages   " + " → ".join(f"{st['pass']}" for st in m["stages"]), ""]
+             "stages   " + " → ".join(f"{st['pass']}" for st in m["stages"])]
+    for label, text in (("run", _run(m["run"]) if m.get("run") else None), ("htp", _placement(m["backend"])),
+                        ("context", _context_binary(m["backend"]))):
+        if text:
+            lines.insert(1 if label == "run" else len(lines), f"{label:<8} {text}")
+    lines.append("")
     lines.append(_table(["layer", "kind", "bits", "levels", "container", "act", "shape", "params"],
                         [[r["layer"], r["kind"], f"{r['weight_bits']:g}", f"{r['levels'][0]}…{r['levels'][1]}",
                           r["container"], f"A{r['act_bits_in']}", "×".join(map(str, r["shape"])),

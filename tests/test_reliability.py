@@ -313,3 +313,75 @@ def test_emit_c_takes_pixart_sigmas_real_call_signature(tmp_path):
     r = run(["verify", str(out)])
     assert r.exit_code == 0, r.output
     assert "C AGREES" in r.output
+
+
+# ---- messages --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["nomatch=8", "fc1=8=9"])
+def test_layer_bits_patterns_that_match_nothing_are_errors(tmp_path, flag):
+    r = run(["compile", SANA, "-o", str(tmp_path / "o"), "--layer-bits", flag, "-q"])
+    assert r.exit_code == 2 and "matches no linear or 1x1 conv layer" in r.output
+    assert flag.rpartition("=")[0] in r.output
+
+
+def test_invalid_regex_is_reported_before_export(tmp_path, monkeypatch):
+    import fbqc.pipeline
+
+    def no_export(*a, **k):
+        raise AssertionError("exported before the regex was checked")
+
+    monkeypatch.setattr(fbqc.pipeline, "export_model_file", no_export)
+    r = run(["compile", SANA, "-o", str(tmp_path / "o"), "--include", "blocks[", "-q"])
+    assert r.exit_code == 2 and "--include 'blocks[' is not a valid regular expression" in r.output
+
+
+def test_damaged_manifests_and_missing_files_are_named(tmp_path, compiled):
+    import shutil
+
+    art, _ = compiled("sana", 8.0)
+    bad = tmp_path / "bad"
+    shutil.copytree(art, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    del m["layers"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    r = run(["inspect", str(bad)])
+    assert r.exit_code == 2 and "manifest.json: the manifest has no 'layers'" in r.output
+    (bad / "manifest.json").write_bytes(b"\xff\xfe garbage")
+    r = run(["verify", str(bad)])
+    assert r.exit_code == 2 and str(bad / "manifest.json") in r.output and "damaged" in r.output
+    shutil.rmtree(bad)
+    shutil.copytree(art, bad)
+    (bad / "program.pt2").unlink()
+    r = run(["inspect", str(bad)])
+    assert r.exit_code == 1 and "DAMAGED: program.pt2" in r.output
+
+
+def test_run_stopped_before_its_first_checkpoint_says_force(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(["train", SANA, "-o", str(run_dir), "--steps", "2", "-q"]).exit_code == 0
+    (run_dir / "checkpoint.pt").unlink()                    # as if killed before its first checkpoint
+    r = run(["train", "--resume", str(run_dir)])
+    assert r.exit_code == 2 and "before its first checkpoint" in r.output and "--force" in r.output
+    r = run(["train", SANA, "-o", str(run_dir), "--steps", "2"])
+    assert r.exit_code == 2 and "holds no checkpoint" in r.output and "--force" in r.output
+
+
+def test_resume_accepts_the_runs_own_flags_and_prints_one_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["train", SANA, "-o", str(run_dir), "--steps", "4", "--schedule", "8:1,4:1", "--lr", "1e-4"]
+    assert run([*base, "--stop-after", "2", "-q"]).exit_code == 0
+    r = run(["train", "--resume", str(run_dir), "--lr", "1e-3"])
+    assert r.exit_code == 2 and "drop --lr" in r.output
+    r = run(["train", "--resume", str(run_dir), "--lr", "1e-4", "--bits", "4", "--schedule", "8:1,4:1"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("final loss") == 1
+
+
+def test_train_flags_have_help_and_redirected_output_has_no_progress_bars(tmp_path):
+    text = run(["train", "--help"]).output
+    for flag, words in (("--lr", "learning rate"), ("--weight-decay", "weight decay"), ("--seed", "Seed")):
+        assert words in text.split(f"\n  {flag} ", 1)[1][:300], flag
+    r = subprocess.run([sys.executable, "-m", "fbqc.cli", "compile", SANA, "-o", str(tmp_path / "o"),
+                        "--calib-samples", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr and "calibration: 4 samples" in r.stderr

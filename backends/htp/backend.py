@@ -98,6 +98,7 @@ class HtpBackend:
                        for li in prep.layers],
             "folded_constants": prep.folded, "lowering_fixes": low.fixes,
             "placement": res["placement"], "sizes": res["sizes"],
+            "context_binary": res["context_binary"],     # which bytes vary compile to compile; stable hash
         }
         self.last_timings = res["seconds"]       # not in the manifest: equal inputs → equal manifest
         return Artifact(self.name, out_dir, ref.files + res["files"], section)

@@ -17,7 +17,7 @@ import onnx
 
 from fbqc.errors import UserError
 
-from . import qnn, saver
+from . import ctx_hash, qnn, saver
 from .lower import Lowered, check
 
 QDQ_FILE = "model.qdq.onnx"
@@ -105,4 +105,5 @@ def compile_all(lowered: Lowered, out_dir: Path, target: qnn.Soc, *, with_saver:
     summary = {k: v for k, v in report.items() if k != "rows"}
     sizes = {f: (out_dir / f).stat().st_size for f in files}
     return {"files": files, "placement": summary, "sizes": sizes,
+            "context_binary": ctx_hash.describe(out_dir / CTX_BIN),
             "seconds": {"qdq_onnx": t1 - t0, "qnn_context": t2 - t1, "qnn_saver": t3 - t2}}

@@ -75,9 +75,19 @@ class HtpArtifact:
 
         return CpuBackend().load(self.directory)
 
+    def check_context(self) -> None:
+        """The context binary against the manifest's stable hash (its varying bytes masked)."""
+        from .ctx_hash import check
+
+        entry = self.info.get("context_binary")
+        why = check(self.directory, entry) if entry else None
+        if why:
+            raise ArtifactError(f"{self.directory}: {why}")
+
     def verify(self, io: dict[str, Any]) -> dict[str, Any]:
         from .verify import verify
 
+        self.check_context()
         return verify(self, io)
 
     def profile(self, io: dict[str, Any], out_csv: Path | None = None) -> dict[str, Any]:

@@ -165,11 +165,14 @@ def options_from(flags: dict[str, Any], **over: Any) -> CompileOptions:
 
 
 def run_model_file(run_dir: Path, run: dict[str, Any]) -> Path:
-    """The model file a run was trained from (its resolved path, else the path as given)."""
+    """The model file a run was trained from: the path as the user gave it when it still names the
+    same file from here (manifests record what the user typed), else the resolved path."""
     src = run["source"]
-    for path in (Path(src["model_file_resolved"]), Path(src["model_file"])):
-        if path.is_file():
-            return path
+    given, resolved = Path(src["model_file"]), Path(src["model_file_resolved"])
+    if given.is_file() and (given.resolve() == resolved or not resolved.is_file()):
+        return given
+    if resolved.is_file():
+        return resolved
     raise ck.RunError(f"{run_dir}: its model file {src['model_file']} is gone")
 
 

@@ -7,15 +7,29 @@
                                 Calibrate(data)], verify_each=True)(program)   # FAKE_QUANT
     program.specs()                                             # QuantSpec per layer
 """
-from . import fake_quant as _fake_quant  # noqa: F401  registers torch.ops.fbqc.fake_quant_*
-from . import int_ops as _int_ops  # noqa: F401  registers torch.ops.fbqc integer ops
-from .errors import UserError
-from .frontend import export, export_model_file, load_model_file
-from .pass_infra import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
-from .program import Program
-from .spec import ActSpec, QuantSpec, WeightSpec
-from .stage import Stage
-from .verifier import VerificationError, verify
+import os as _os
+import sys as _sys
+
+_CLI = _os.path.basename(_sys.argv[0]) == "fbqc" or _sys.argv[0].endswith(_os.path.join("fbqc", "cli.py"))
+if _CLI:                                # the fbqc command: its Ctrl-C / SIGTERM handling from the start
+    from .signals import install as _install_signals
+    _install_signals()
+
+try:                                    # importing torch takes seconds: a Ctrl-C then is no traceback
+    from . import fake_quant as _fake_quant  # noqa: F401  registers torch.ops.fbqc.fake_quant_*
+    from . import int_ops as _int_ops  # noqa: F401  registers torch.ops.fbqc integer ops
+    from .errors import UserError
+    from .frontend import export, export_model_file, load_model_file
+    from .pass_infra import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
+    from .program import Program
+    from .spec import ActSpec, QuantSpec, WeightSpec
+    from .stage import Stage
+    from .verifier import VerificationError, verify
+except KeyboardInterrupt:
+    if not _CLI:
+        raise                           # a library import: the caller's Ctrl-C to handle
+    print("\ninterrupted", file=_sys.stderr)
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
 

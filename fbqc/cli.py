@@ -29,14 +29,33 @@ class _Group(click.Group):
 
         signals.install()                          # SIGTERM ends a command as Ctrl-C does
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if signals.received is not None:       # a library swallowed the interrupt: still say so
+                click.echo("\ninterrupted (the command had finished: what it wrote is complete)", err=True)
+                ctx.exit(signals.exit_code())
+            return result
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except (KeyboardInterrupt, signals.Stop) as e:
             click.echo(f"\ninterrupted{': ' + str(e) if str(e) else ''}", err=True)
             ctx.exit(signals.exit_code())
         except Exception as e:  # noqa: BLE001 - one clean line, traceback with --debug
+            if signals.received is not None or _interrupt_inside(e):   # a library wrapped a Ctrl-C
+                click.echo("\ninterrupted", err=True)
+                ctx.exit(signals.exit_code())
             _fail(ctx, _user_error(e))
+
+
+def _interrupt_inside(e: BaseException) -> bool:
+    from . import signals
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, signals.Stop)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _user_error(e: Exception) -> Exception:

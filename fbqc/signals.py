@@ -35,9 +35,11 @@ def _raise(signum, frame):
 
 
 def install() -> None:
-    """SIGTERM behaves as SIGINT (main thread only; a no-op elsewhere)."""
+    """SIGTERM behaves as SIGINT, and both are remembered in :data:`received` (a library may turn the
+    ``KeyboardInterrupt`` into an error of its own: diffusers' lazy imports do). Main thread only."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise)
+        signal.signal(signal.SIGINT, _raise)
 
 
 def exit_code() -> int:

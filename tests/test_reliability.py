@@ -385,3 +385,22 @@ def test_train_flags_have_help_and_redirected_output_has_no_progress_bars(tmp_pa
                         "--calib-samples", "4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\x1b[" not in r.stderr and "calibration: 4 samples" in r.stderr
+
+
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    """The ``fbqc`` script spends its first seconds importing torch: Ctrl-C there exits 130, no traceback."""
+    import signal
+    import time
+
+    script = Path(sys.executable).parent / "fbqc"
+    if not script.is_file():
+        pytest.skip("no fbqc console script beside this python")
+    for delay in (0.3, 1.0):
+        proc = subprocess.Popen([str(script), "compile", SANA, "-o", str(tmp_path / "o")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (130, -2) and "Traceback" not in err, (delay, err)
+        assert "interrupted" in err
+        assert not (tmp_path / "o").exists()

@@ -242,12 +242,12 @@ def evaluate(target: str | Path | None, data: str | Path, out: str | Path, *, nu
             rows.append(row)
         bar.close()
         ok_rows = [r for r in rows if r["status"] == "ok"]
-        extra, skipped, per_lpips = im.optional_metrics(
+        extra, skipped, per_prompt = im.optional_metrics(
             {"fid_features": fid_features, "clip": clip, "lpips": lpips}, students, teachers,
             [r["prompt"] for r in ok_rows], log)
-        if per_lpips is not None:
-            for r, v in zip(ok_rows, per_lpips):
-                r["lpips"] = v
+        for key, values in per_prompt.items():
+            for r, v in zip(ok_rows, values):
+                r[key] = v
         result = {
             "kind": KIND, "format": FORMAT, "fbqc": _version(),
             "target": student.description,

@@ -12,8 +12,15 @@ With local weights only (a missing one is skipped with one line naming the flag)
   network — to features (N, D). The standard FID Inception (``inception-2015-12-05.pt``, whose
   ``forward(img, return_features=False)`` resizes to 299 itself) qualifies; fbqc passes
   ``return_features=True`` when the module's forward has that argument.
-* ``--clip DIR``: ``torchmetrics.multimodal.CLIPScore(model_name_or_path=DIR)`` of the student's and the
-  teacher's images with their prompts (a local ``transformers`` CLIP directory).
+* ``--clip DIR``: CLIP score (torchmetrics' ``clip_score``: ``100 * cos(image_embeds, text_embeds)``) of the
+  student's and the teacher's images with their prompts, DIR a local ``transformers`` CLIP directory
+  (``CLIPModel`` + ``CLIPProcessor``, ``save_pretrained``). torchmetrics 1.9 accepts only its listed hub
+  names as ``model_name_or_path`` (a local directory is a ValueError) and expects ``get_*_features`` to
+  return tensors (transformers >= 5 returns a ``ModelOutput``), so fbqc loads the directory itself
+  (``local_files_only``) and hands torchmetrics a callable with an adapter. Each image/prompt pair is
+  scored on its own and clamped at 0, ``max(100 * cos, 0)`` as CLIPScore is defined (torchmetrics clamps
+  only the batch mean; the same when every cosine is positive, as with real CLIP models); the aggregate
+  is the mean over prompts, the per-prompt scores go into the prompt rows.
 * ``--lpips PATH``: torchmetrics' LPIPS needs torchvision and downloads its backbone, so it is not
   usable offline here; PATH is a TorchScript module ``(img1, img2) -> distance`` on float images in
   [-1, 1] (N, 3, H, W), e.g. a scripted ``lpips.LPIPS(net="alex")``.
@@ -154,13 +161,64 @@ def fid(path: Path, students: list[torch.Tensor], teachers: list[torch.Tensor]) 
     return float(metric.compute())
 
 
-def clip_scores(directory: Path, images: list[torch.Tensor], prompts: list[str]) -> float:
-    from torchmetrics.multimodal.clip_score import CLIPScore
+class _ClipFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected embeddings as
+    tensors, what torchmetrics' clip_score divides by their norm (transformers >= 5 returns a
+    ``BaseModelOutputWithPooling`` with them in ``pooler_output``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _embeds(out) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return out
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None and isinstance(out, (tuple, list)):
+            pooled = out[1] if len(out) > 1 else out[0]
+        if not isinstance(pooled, torch.Tensor):
+            raise MetricError(f"--clip: the model's feature methods returned {type(out).__name__}, "
+                              f"not embeddings")
+        return pooled
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeds(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeds(self.model.get_text_features(*args, **kwargs))
+
+
+def load_clip(directory: Path) -> tuple[torch.nn.Module, Any]:
+    """(model with tensor feature methods, processor) from a local CLIP directory; never a download."""
+    from transformers import CLIPModel, CLIPProcessor
 
     if not Path(directory).is_dir():
         raise MetricError(f"--clip {directory}: not a directory (a local transformers CLIP model)")
-    metric = CLIPScore(model_name_or_path=str(directory))
-    return float(metric(torch.cat(images), prompts))
+    try:
+        model = CLIPModel.from_pretrained(str(directory), local_files_only=True).float().eval()
+        processor = CLIPProcessor.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MetricError(f"--clip {directory}: not a transformers CLIP model directory with its processor "
+                          f"(CLIPModel and CLIPProcessor .save_pretrained): {type(e).__name__}: {e}") from e
+    return _ClipFeatures(model), processor
+
+
+def clip_scores(directory: Path, images: dict[str, list[torch.Tensor]], prompts: list[str]) -> dict[str, list[float]]:
+    """Per-prompt CLIP scores ``max(100 * cos, 0)`` of each image list in ``images`` ({name: [uint8 (1, 3, H,
+    W)]}, one image per prompt) with ``prompts``, through torchmetrics' ``clip_score`` (the model loaded once)."""
+    from torchmetrics.functional.multimodal import clip_score
+
+    loaded = load_clip(directory)
+    out: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for name, imgs in images.items():
+            if len(imgs) != len(prompts):
+                raise MetricError(f"CLIP score: {len(imgs)} {name} images for {len(prompts)} prompts")
+            out[name] = [float(clip_score(img[0], prompt, model_name_or_path=lambda: loaded))
+                         for img, prompt in zip(imgs, prompts)]
+    return out
 
 
 def lpips(path: Path, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> list[float]:
@@ -168,17 +226,22 @@ def lpips(path: Path, students: list[torch.Tensor], teachers: list[torch.Tensor]
     out = []
     with torch.no_grad():
         for s, t in zip(students, teachers):
-            d = net(as_float(s) * 2 - 1, as_float(t) * 2 - 1)
-            out.append(float(torch.as_tensor(d).reshape(-1)[0]))
+            d = torch.as_tensor(net(as_float(s) * 2 - 1, as_float(t) * 2 - 1))
+            if d.numel() != 1:                   # one pair in: one distance out (lpips.LPIPS: (1, 1, 1, 1))
+                raise MetricError(f"the --lpips module returned shape {tuple(d.shape)} for one image pair; "
+                                  f"it must return one distance per pair (N,) or (N, 1, 1, 1)")
+            out.append(float(d.reshape(())))
     return out
 
 
 def optional_metrics(opts: dict[str, Any], students: list[torch.Tensor], teachers: list[torch.Tensor],
-                     prompts: list[str], log) -> tuple[dict[str, Any], dict[str, str], list[float] | None]:
-    """(aggregates, skipped {metric: reason}, per-prompt LPIPS or None)."""
+                     prompts: list[str], log) -> tuple[dict[str, Any], dict[str, str], dict[str, list[float]]]:
+    """(aggregates, skipped {metric: reason}, per-prompt values {row key: one value per image}).
+
+    The per-prompt keys: ``lpips``, ``clip_score_student``, ``clip_score_teacher`` (those computed)."""
     agg: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    per_lpips = None
+    per: dict[str, list[float]] = {}
     if opts.get("fid_features"):
         if len(students) < 2:
             skipped["fid"] = f"FID skipped: it needs at least 2 images, {len(students)} evaluated"
@@ -187,15 +250,20 @@ def optional_metrics(opts: dict[str, Any], students: list[torch.Tensor], teacher
     else:
         skipped["fid"] = SKIP_HINT["fid"]
     if opts.get("clip"):
-        agg["clip_score_student"] = clip_scores(Path(opts["clip"]), students, prompts) if students else None
-        agg["clip_score_teacher"] = clip_scores(Path(opts["clip"]), teachers, prompts) if teachers else None
+        if students:
+            scores = clip_scores(Path(opts["clip"]), {"student": students, "teacher": teachers}, prompts)
+            for name, xs in scores.items():
+                per[f"clip_score_{name}"] = xs
+                agg[f"clip_score_{name}"] = mean(xs)
+        else:
+            agg["clip_score_student"] = agg["clip_score_teacher"] = None
     else:
         skipped["clip"] = SKIP_HINT["clip"]
     if opts.get("lpips"):
-        per_lpips = lpips(Path(opts["lpips"]), students, teachers)
-        agg["lpips"] = mean(per_lpips)
+        per["lpips"] = lpips(Path(opts["lpips"]), students, teachers)
+        agg["lpips"] = mean(per["lpips"])
     else:
         skipped["lpips"] = SKIP_HINT["lpips"]
     for reason in skipped.values():
         log(reason)
-    return agg, skipped, per_lpips
+    return agg, skipped, per

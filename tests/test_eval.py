@@ -210,3 +210,118 @@ def test_htp_artifact_on_the_simulator(caps, compiled):
     cpu, htp = res["cpu"]["prompts"][0], res["htp"]["prompts"][0]
     assert htp["status"] == "ok" and abs(htp["psnr"] - cpu["psnr"]) < 3.0
     assert htp["final_latent_cosine"] > 0.99
+
+
+def _perturbed_student(monkeypatch):
+    """``fbqc eval --float`` gets a student whose transformer output is 2 % too large (images ≠ the teacher's)."""
+    from fbqc import eval_run
+
+    def wrap(teacher):
+        return lambda **kw: [teacher(**kw)[0] * 1.02]
+    monkeypatch.setattr(eval_run, "load_student",
+                        lambda target, **kw: Student("custom", {"kind": "custom", "note": "x 1.02"}, None, wrap=wrap))
+
+
+def _png(path) -> Image.Image:
+    with Image.open(path) as f:
+        return f.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny seeded CLIP (text + vision, 32 wide, 2 layers, 32 px images, patch 8) with its processor
+    (the examples' offline CLIP word-level tokenizer), saved with ``save_pretrained``."""
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    import _pipelines as P
+
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    text = dict(vocab_size=P.vocab_size("clip"), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, **P._ids("clip"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    with P.seeded(0):
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = CLIPProcessor(image_processor=image_processor(size={"shortest_edge": 32},
+                                                              crop_size={"height": 32, "width": 32}),
+                              tokenizer=P.tokenizer("clip", 77))
+    d = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def test_clip_score_local_model_equals_independent_cosine(caps, clip_dir, monkeypatch):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fbqc.image_metrics import SKIP_HINT
+
+    _perturbed_student(monkeypatch)
+    out = caps["root"] / "e_clip"
+    res = CliRunner().invoke(main, ["eval", "--float", "--data", str(caps["sana"]), "-o", str(out), "-q",
+                                    "--clip", str(clip_dir)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "eval.json").read_text())
+    assert r["skipped"] == {"fid": SKIP_HINT["fid"], "lpips": SKIP_HINT["lpips"]}
+    rows = r["prompts"]
+    assert [p["prompt"] for p in rows] == PROMPTS and all(p["status"] == "ok" for p in rows)
+
+    # independent: CLIPModel.forward's normalized image_embeds / text_embeds of the PNGs and the prompts, one batch
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
+
+    def scores(paths):
+        inputs = processor(text=PROMPTS, images=[_png(p) for p in paths], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            o = model(**inputs)
+        cos = (o.image_embeds / o.image_embeds.norm(dim=-1, keepdim=True)
+               * o.text_embeds / o.text_embeds.norm(dim=-1, keepdim=True)).sum(-1)
+        return (100 * cos.clamp(min=0)).tolist()
+    want = {"student": scores([out / p["image"] for p in rows]),
+            "teacher": scores([p["teacher_image"] for p in rows])}
+    for who in ("student", "teacher"):
+        got = [p[f"clip_score_{who}"] for p in rows]
+        assert got == pytest.approx(want[who], abs=1e-3)
+        assert r["aggregate"][f"clip_score_{who}"] == pytest.approx(float(np.mean(want[who])), abs=1e-3)
+    assert any(x > 0 for x in want["student"])                           # not all clamped to 0
+    assert want["student"] != pytest.approx(want["teacher"], abs=1e-6)   # the student's images differ
+    assert f"CLIP score (student){r['aggregate']['clip_score_student']:.4f}" in res.output
+
+
+class _MeanAbs(torch.nn.Module):
+    """A stand-in LPIPS: mean |img1 − img2| per image, (N,)."""
+
+    def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
+        return (img1 - img2).abs().mean(dim=(1, 2, 3))
+
+
+def test_lpips_torchscript_equals_independent_distance(caps, monkeypatch, tmp_path):
+    from fbqc.image_metrics import SKIP_HINT
+
+    net = tmp_path / "lpips.pt"
+    torch.jit.save(torch.jit.script(_MeanAbs()), str(net))
+    _perturbed_student(monkeypatch)
+    out = tmp_path / "e_lpips"
+    res = CliRunner().invoke(main, ["eval", "--float", "--data", str(caps["sana"]), "-o", str(out), "-q",
+                                    "--num-prompts", "2", "--lpips", str(net)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "eval.json").read_text())
+    assert r["skipped"] == {"fid": SKIP_HINT["fid"], "clip": SKIP_HINT["clip"]}
+    want = []
+    for p in r["prompts"]:
+        s = np.asarray(_png(out / p["image"])).astype(np.float64) / 127.5 - 1
+        t = np.asarray(_png(p["teacher_image"])).astype(np.float64) / 127.5 - 1
+        want.append(float(np.abs(s - t).mean()))
+    assert len(want) == 2 and all(w > 0 for w in want)
+    assert [p["lpips"] for p in r["prompts"]] == pytest.approx(want, rel=1e-5)
+    assert r["aggregate"]["lpips"] == pytest.approx(float(np.mean(want)), rel=1e-5)
+    assert f"LPIPS    {r['aggregate']['lpips']:.4f}" in res.output
+
+    class Spatial(torch.nn.Module):                   # a per-pixel map, not one distance per pair: refused
+        def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
+            return (img1 - img2).abs()
+    torch.jit.save(torch.jit.script(Spatial()), str(tmp_path / "spatial.pt"))
+    with pytest.raises(UserError, match="one distance per pair"):
+        evaluate(None, caps["sana"], tmp_path / "e_spatial", float_model=True, num_prompts=1,
+                 lpips=tmp_path / "spatial.pt", progress=False, log=lambda s: None)

@@ -27,7 +27,6 @@ from .trajectories import CaptureError
 
 PIPELINE_HINT = ("define pipeline(**opts) -> diffusers.DiffusionPipeline whose .transformer is "
                  "model(**opts)")
-LOCK = ".lock"
 
 
 # ---- prompts and seeds ---------------------------------------------------------------------------
@@ -115,7 +114,7 @@ def _ours(path: Path) -> bool:
         return (rel[:5].isdigit() and rel.endswith((".safetensors", ".json"))) or rel.endswith(".tmp")
     if path.parent.name == tj.IMAGES:
         return (rel[:5].isdigit() and rel.endswith(".png")) or rel.endswith(".tmp")
-    return rel in (tj.MANIFEST, LOCK, f".{tj.MANIFEST}.tmp")
+    return rel in (tj.MANIFEST, f".{tj.MANIFEST}.tmp")
 
 
 def check_output(out: Path) -> str:
@@ -126,7 +125,7 @@ def check_output(out: Path) -> str:
         return "new"
     if tj.read_manifest(out) is not None:
         return "capture"
-    if any(p.name != LOCK for p in out.iterdir()):
+    if any(out.iterdir()):
         raise CaptureError(f"{out} is not an fbqc capture; choose another -o")
     return "new"
 

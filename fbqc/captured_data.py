@@ -29,7 +29,7 @@ import torch
 
 from .data import ENDLESS, sample_seed
 from .errors import UserError
-from .trajectories import Trajectories
+from .trajectories import Trajectories, describe_value, neutral_argument
 
 #: the key under which a training sample carries its recorded teacher output (``--teacher-cache``)
 TARGET = "__fbqc_target__"
@@ -77,23 +77,6 @@ def weights_check(traj: Trajectories, module: torch.nn.Module, flag: str) -> tup
 # ---- records -> program inputs -----------------------------------------------------------------------
 
 
-def _neutral(key: str, value: Any) -> bool:
-    """Dropping ``value`` changes nothing the transformer computes."""
-    leaf = key.rsplit(".", 1)[-1]
-    if value is None or leaf == "return_dict":
-        return True
-    if isinstance(value, dict):
-        return all(_neutral(f"{key}.{k}", v) for k, v in value.items())
-    if isinstance(value, torch.Tensor) and "mask" in leaf:
-        return bool((value == 1).all())
-    return False
-
-
-def _describe(v: Any) -> str:
-    return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) \
-        else type(v).__name__
-
-
 class Selector:
     """A record's program inputs (the example's keys), checked; non-neutral dropped keys warned once."""
 
@@ -119,14 +102,14 @@ class Selector:
                 continue
             if isinstance(e, torch.Tensor) and (not isinstance(v, torch.Tensor) or v.shape != e.shape
                                                 or v.dtype != e.dtype):
-                raise DataError(f"{self.flag} {self.traj.dir}: captured input {path!r} is {_describe(v)} "
-                                f"(record {i}), the exported program expects {_describe(e)}; {self._fix()}")
+                raise DataError(f"{self.flag} {self.traj.dir}: captured input {path!r} is {describe_value(v)} "
+                                f"(record {i}), the exported program expects {describe_value(e)}; {self._fix()}")
             out[k] = v
         for k, v in record.items():
             path = prefix + k
-            if k not in example and not _neutral(path, v) and path not in self.dropped:
-                self.dropped[path] = _describe(v)
-                self.log(f"warning: {self.flag} {self.traj.dir}: captured input {path!r} ({_describe(v)}, "
+            if k not in example and not neutral_argument(path, v) and path not in self.dropped:
+                self.dropped[path] = describe_value(v)
+                self.log(f"warning: {self.flag} {self.traj.dir}: captured input {path!r} ({describe_value(v)}, "
                          f"not None / all ones) is dropped: the exported program does not take it, so the "
                          f"model sees other inputs than the teacher did")
         return out

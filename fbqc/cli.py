@@ -40,22 +40,10 @@ class _Group(click.Group):
             click.echo(f"\ninterrupted{': ' + str(e) if str(e) else ''}", err=True)
             ctx.exit(signals.exit_code())
         except Exception as e:  # noqa: BLE001 - one clean line, traceback with --debug
-            if signals.received is not None or _interrupt_inside(e):   # a library wrapped a Ctrl-C
+            if signals.received is not None:     # a library wrapped the Ctrl-C in an error of its own
                 click.echo("\ninterrupted", err=True)
                 ctx.exit(signals.exit_code())
             _fail(ctx, _user_error(e))
-
-
-def _interrupt_inside(e: BaseException) -> bool:
-    from . import signals
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (KeyboardInterrupt, signals.Stop)):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _user_error(e: Exception) -> Exception:

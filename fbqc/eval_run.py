@@ -74,7 +74,7 @@ def _set_transformer(pipe, module) -> None:
 
 def run_prompt(pipe, adapter, entry: dict[str, Any], kwargs: dict[str, Any]):
     """(Recorder, PIL image or None, failure {"step", "error"} or None, seconds)."""
-    from .recorder import Recorder
+    from .recorder import Recorder, generate
 
     teacher = pipe.transformer
     _set_transformer(pipe, adapter)
@@ -83,10 +83,7 @@ def run_prompt(pipe, adapter, entry: dict[str, Any], kwargs: dict[str, Any]):
     image = failed = None
     try:
         with rec, torch.inference_mode():
-            result = pipe(prompt=entry["prompt"], generator=torch.Generator("cpu").manual_seed(entry["seed"]),
-                          **kwargs)
-        images = getattr(result, "images", None) or (result[0] if isinstance(result, tuple) else None)
-        image = images[0] if images else None
+            image = generate(pipe, entry["prompt"], entry["seed"], kwargs)
         if rec.final is not None and not bool(torch.isfinite(rec.final).all()):
             failed = {"step": len(rec.steps), "error": "non-finite final latents"}
     except NonFinite as e:
@@ -98,14 +95,14 @@ def run_prompt(pipe, adapter, entry: dict[str, Any], kwargs: dict[str, Any]):
     return rec, image, failed, time.perf_counter() - t0
 
 
-def _drift_arrays(traj: Trajectories, index: dict, entry: dict[str, Any], rec) -> dict[str, list]:
+def _drift_arrays(traj: Trajectories, entry: dict[str, Any], rec) -> dict[str, list]:
     p = entry["index"]
     d: dict[str, list] = {k: [] for k in ("step", "timestep", "hidden_states_mse", "hidden_states_cosine",
                                           "output_mse", "output_cosine")}
     for s, st in enumerate(rec.steps[:entry["steps"]]):
-        if COND not in st or (p, s, COND) not in index:
+        i = traj.find(p, s, COND)
+        if COND not in st or i is None:
             continue
-        i = index[(p, s, COND)]
         hs, hs_t = st[COND]["inputs"]["hidden_states"], traj.flat_inputs(i)["hidden_states"]
         m1, c1 = im.drift(hs, hs_t)
         m2, c2 = im.drift(st[COND]["output"], traj.target(i))
@@ -117,19 +114,20 @@ def _drift_arrays(traj: Trajectories, index: dict, entry: dict[str, Any], rec) -
     return d
 
 
-def _check_start(traj: Trajectories, index: dict, entry: dict[str, Any], rec) -> None:
+def _check_start(traj: Trajectories, entry: dict[str, Any], rec) -> None:
     p = entry["index"]
-    if not rec.steps or COND not in rec.steps[0] or (p, 0, COND) not in index:
+    first = traj.find(p, 0, COND)
+    if not rec.steps or COND not in rec.steps[0] or first is None:
         raise EvalError(f"prompt {p}: no cond-branch transformer call at step 0 to compare with the capture")
     got = rec.steps[0][COND]["inputs"]["hidden_states"]
-    want = traj.flat_inputs(index[(p, 0, COND)])["hidden_states"]
+    want = traj.flat_inputs(first)["hidden_states"]
     if got.shape != want.shape or not torch.equal(got, want):
         raise EvalError(f"prompt {p}: the initial latents differ from the capture's step-0 hidden_states "
                         f"(seed, resolution or pipeline changed since the capture; recapture, or evaluate "
                         f"with the capture's model file and options)")
 
 
-def evaluate_prompt(pipe, student: Student, traj: Trajectories, index: dict, entry: dict[str, Any],
+def evaluate_prompt(pipe, student: Student, traj: Trajectories, entry: dict[str, Any],
                     kwargs: dict[str, Any], images_dir: Path) -> tuple[dict[str, Any], torch.Tensor | None, list[str]]:
     """(per-prompt result, student image as (1, 3, H, W) uint8 or None, adapter warnings)."""
     adapter = student.adapter(pipe.transformer)
@@ -138,8 +136,8 @@ def evaluate_prompt(pipe, student: Student, traj: Trajectories, index: dict, ent
     row: dict[str, Any] = {"index": p, "prompt": entry["prompt"], "seed": entry["seed"], "status": "ok",
                            "seconds": seconds, "teacher_image": str(traj.image_path(p))}
     if rec.steps:
-        _check_start(traj, index, entry, rec)
-    row["drift"] = _drift_arrays(traj, index, entry, rec)
+        _check_start(traj, entry, rec)
+    row["drift"] = _drift_arrays(traj, entry, rec)
     if failed:
         row.update(status="failed", failed_step=failed["step"], error=failed["error"])
         return row, None, adapter.warnings
@@ -219,7 +217,6 @@ def evaluate(target: str | Path | None, data: str | Path, out: str | Path, *, nu
     _mf, pipe, _defaults = load_pipeline(model_file, opts.get("preset"), opts.get("checkpoint"))
     kwargs = call_settings(traj)
     entries = traj.prompts[:num_prompts] if num_prompts else list(traj.prompts)
-    index = {(r.prompt, r.step, r.branch): i for i, r in enumerate(traj.records())}
     rows, students, teachers = [], [], []
     from PIL import Image
 
@@ -227,7 +224,7 @@ def evaluate(target: str | Path | None, data: str | Path, out: str | Path, *, nu
         (tmp / "images").mkdir()
         bar = tqdm(entries, desc="eval", unit="prompt", disable=not progress, leave=False)
         for entry in bar:
-            row, img, warn = evaluate_prompt(pipe, student, traj, index, entry, kwargs, tmp / "images")
+            row, img, warn = evaluate_prompt(pipe, student, traj, entry, kwargs, tmp / "images")
             for w in warn:
                 if w not in warnings:
                     warnings.append(w)

@@ -1,7 +1,8 @@
 """Directories fbqc writes, and the rules that keep a user's data safe.
 
-- **Kinds.** Each command writes one kind of directory (compile: an artifact, train: a run, capture:
-  captured trajectories, eval: an evaluation, export-diffusers: a diffusers checkpoint). A directory is
+- **Kinds.** Each command writes one kind of directory (compile: an artifact, train: a run, eval: an
+  evaluation, export-diffusers: a diffusers checkpoint; ``fbqc capture`` resumes into its directory and
+  keeps its own rules, :mod:`fbqc.capture`, under the same lock). A directory is
   recognised as fbqc's own by its marker file *and* by holding nothing else than that kind writes.
 - **--force** replaces an existing directory only when it is of the command's own kind, or empty —
   never anything else, never the current directory or one above it — and only after every check of
@@ -31,7 +32,6 @@ KINDS: dict[str, tuple[str, frozenset[str] | None]] = {
     "artifact": ("manifest.json", None),                 # None: the manifest's "files" + known folders
     "run": ("run.json", frozenset({"run.json", "checkpoint.pt", "log.jsonl", "loss.png", "student.pt",
                                    "summary.json", "profile"})),
-    "capture": ("manifest.json", frozenset({"manifest.json", "shards", "images"})),
     "eval": ("eval.json", frozenset({"eval.json", "report.html", "images"})),
     "diffusers": ("fbqc_quant.json", None),              # save_pretrained's files
 }
@@ -63,8 +63,6 @@ def foreign_entry(directory: Path, kind: str) -> str | None:
         return f"no fbqc {marker}"
     if kind == "artifact" and not ("fbqc" in data and "backend" in data and "files" in data):
         return f"{marker} is not an fbqc artifact manifest"
-    if kind == "capture" and data.get("kind") != "fbqc-capture":
-        return f"{marker} is not an fbqc capture manifest"
     if kind == "run" and not ("source" in data and "format" in data):
         return f"{marker} is not an fbqc run description"
     if kind == "artifact":

@@ -126,16 +126,23 @@ class Recorder:
                 delattr(obj, name)
 
 
+def generate(pipe, prompt: str, seed: int, kwargs: dict[str, Any]):
+    """The pipeline's first image (PIL, or None) for ``prompt``, its initial noise from a CPU generator
+    seeded with ``seed``: the one call that capture (the teacher) and eval (a student) both make."""
+    result = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    images = getattr(result, "images", None) or (result[0] if isinstance(result, tuple) else None)
+    return images[0] if images else None
+
+
 def run_prompt(pipe, index: int, prompt: str, seed: int, kwargs: dict[str, Any]):
     """(Recorder, PIL image, seconds) of one pipeline call."""
     where = lambda s: f"prompt {index} ({prompt[:40]!r}) step {s}"  # noqa: E731
     t0 = time.perf_counter()
     with Recorder(pipe, where) as rec, torch.no_grad():
-        result = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+        image = generate(pipe, prompt, seed, kwargs)
     if rec.final is not None and rec.final.is_floating_point() and not bool(torch.isfinite(rec.final).all()):
         raise CaptureError(f"prompt {index} ({prompt[:40]!r}): the final latents contain NaN or Inf")
-    images = getattr(result, "images", None) or (result[0] if isinstance(result, tuple) else None)
-    return rec, (images[0] if images else None), time.perf_counter() - t0
+    return rec, image, time.perf_counter() - t0
 
 
 def png_bytes(image) -> bytes:

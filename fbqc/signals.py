@@ -22,10 +22,6 @@ class Stop(BaseException):
     ``exec`` inside torch does), so SIGTERM could otherwise end as "killed by SIGINT"."""
 
 
-#: the name the training loop raises after saving a checkpoint
-Interrupted = Stop
-
-
 def _raise(signum, frame):
     global received
     received = signum

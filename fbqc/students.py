@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
+from .trajectories import describe_value, neutral_argument
 
 
 class EvalError(UserError):
@@ -46,14 +47,6 @@ class NonFinite(Exception):
 def _flat_tensors(out) -> list[torch.Tensor]:
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-def _neutral(key: str, v: Any) -> bool:
-    if v is None or (isinstance(v, dict) and all(_neutral(k, x) for k, x in v.items())):
-        return True
-    if isinstance(v, torch.Tensor) and "mask" in key:
-        return bool((v == 1).all())
-    return False
 
 
 # ---- the adapter -----------------------------------------------------------------------------------
@@ -127,8 +120,8 @@ class StudentTransformer(torch.nn.Module):
 
     def _split_call(self, bound: dict[str, Any]) -> torch.Tensor:
         for key, v in bound.items():
-            if key not in self.expected and not _neutral(key, v):
-                self._warn(f"the pipeline passes {key!r} ({_describe(v)}), which the compiled program does "
+            if key not in self.expected and not neutral_argument(key, v):
+                self._warn(f"the pipeline passes {key!r} ({describe_value(v)}), which the compiled program does "
                            f"not take; it was dropped (not neutral: the student computes without it)")
         batch = bound["hidden_states"].shape[0]
         outs = []
@@ -163,12 +156,6 @@ class StudentTransformer(torch.nn.Module):
                            f"changes its values")
             v = cast
         return v.contiguous()
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-    return type(v).__name__
 
 
 # ---- targets ---------------------------------------------------------------------------------------
@@ -295,10 +282,11 @@ def _rebuild_fake_quant(directory: Path, manifest: dict[str, Any], io: dict[str,
     """The artifact's FAKE_QUANT program from its model file + flags, and its max |Δ| vs ``io.pt``."""
     from dataclasses import fields
 
-    from .data import samples_around
+    from .captured_data import Calibration
     from .frontend import export_model_file
     from .pass_infra import PassManager
     from .pipeline import CompileOptions, build_passes
+    from .qat.run import options_from
 
     mf_path = Path(manifest.get("model", {}).get("file") or "")
     if not mf_path.is_file():
@@ -306,19 +294,10 @@ def _rebuild_fake_quant(directory: Path, manifest: dict[str, Any], io: dict[str,
                         f"file {str(mf_path) or '(none recorded)'}, which is not here; the artifact stores only "
                         f"the INTEGER program (evaluate it without --fake-quant)")
     known = {f.name for f in fields(CompileOptions)}
-    flags = {k: v for k, v in manifest.get("flags", {}).items() if k in known}
-    for k in ("include", "exclude", "a16"):
-        if flags.get(k) is not None:
-            flags[k] = tuple(flags[k])
-    opts = CompileOptions(**flags)
+    opts = options_from({k: v for k, v in manifest.get("flags", {}).items() if k in known})
     log(f"rebuilding the fake-quant model of {directory} from {mf_path}")
     program, mf = export_model_file(mf_path, preset=opts.preset, checkpoint=opts.checkpoint)
-    try:                                                 # what compile_model calibrates on (--calib-data too)
-        from .captured_data import Calibration
-
-        data = Calibration(mf, program, opts, lambda s: None).data
-    except ImportError:
-        data = mf.call("calibration_data") if mf.has("calibration_data") else samples_around(program.example_inputs)
+    data = Calibration(mf, program, opts, lambda s: None).data   # what compile calibrated on (--calib-data too)
     after = []
     if manifest.get("run"):
         from .qat import checkpoint as ck

@@ -28,6 +28,7 @@ manifest): the same inputs give byte-identical shards.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -76,6 +77,27 @@ def flatten_kwargs(kwargs: dict[str, Any], prefix: str = "") -> tuple[dict[str, 
             raise CaptureError(f"transformer argument {path!r} is a {type(v).__name__}; fbqc capture "
                                f"records tensors, dicts of them and plain values (None, numbers, strings)")
     return tensors, static
+
+
+def neutral_argument(key: str, value: Any) -> bool:
+    """Dropping transformer argument ``key`` (dotted path) changes nothing the transformer computes:
+    ``None``, ``return_dict``, a dict of such, or an attention mask of all ones. The one rule for every
+    consumer that passes a program only its own inputs (calibration, training, ``fbqc eval``)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if value is None or leaf == "return_dict":
+        return True
+    if isinstance(value, dict):
+        return all(neutral_argument(f"{key}.{k}", v) for k, v in value.items())
+    if isinstance(value, torch.Tensor) and "mask" in leaf:
+        return bool((value == 1).all())
+    return False
+
+
+def describe_value(v: Any) -> str:
+    """``tensor (1, 8) int64`` or the type's name, for messages about arguments."""
+    if isinstance(v, torch.Tensor):
+        return f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+    return type(v).__name__
 
 
 def unflatten_kwargs(flat: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +264,14 @@ class Trajectories:
     def record(self, i: int) -> Record:
         return self._records[i]
 
+    @functools.cached_property
+    def _position(self) -> dict[tuple[int, int, str], int]:
+        return {(r.prompt, r.step, r.branch): i for i, r in enumerate(self._records)}
+
+    def find(self, prompt: int, step: int, branch: str) -> int | None:
+        """The index of the record of ``prompt``'s ``step`` and ``branch`` (None: not captured)."""
+        return self._position.get((prompt, step, branch))
+
     def _shard(self, prompt: int):
         if self._open is None or self._open[0] != prompt:
             path = self.dir / self._by_index[prompt]["shard"]
@@ -286,7 +316,6 @@ class Trajectories:
         prompts for different steps) and branch ``(r + r // P + s) mod B`` (cond and uncond alternate
         from the first round, and all ``P·B`` pairs of a step come before any repeats). Fewer than ``n``
         when the capture holds fewer records (the caller warns)."""
-        index = {(r.prompt, r.step, r.branch): i for i, r in enumerate(self._records)}
         steps = max(p["steps"] for p in self.prompts)
         width = max(steps - 1, 0).bit_length()
         order = [s for s in (int(f"{j:0{width}b}"[::-1], 2) if width else 0 for j in range(2 ** width))
@@ -302,7 +331,7 @@ class Trajectories:
             s = order[s]
             p = self.prompts[(r * stride + s) % P]
             b = p["branches"][(r + r // P + s) % len(p["branches"])]
-            i = index.get((p["index"], min(s, p["steps"] - 1), b))
+            i = self.find(p["index"], min(s, p["steps"] - 1), b)
             if i is not None and i not in seen:
                 seen.add(i)
                 chosen.append(i)
@@ -310,9 +339,3 @@ class Trajectories:
         if len(chosen) < limit:                          # fill from the rest in order
             chosen += [i for i in range(len(self._records)) if i not in seen][:limit - len(chosen)]
         return chosen
-
-    def selection_note(self, chosen: list[int]) -> dict[str, Any]:
-        """What a selection covers (recorded in manifests): counts of steps, prompts, branches."""
-        rs = [self._records[i] for i in chosen]
-        return {"records": len(rs), "prompts": len({r.prompt for r in rs}), "steps": len({r.step for r in rs}),
-                "branches": sorted({r.branch for r in rs}), "capture": str(self.dir)}

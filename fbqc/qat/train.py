@@ -41,7 +41,7 @@ from .runtime import ModuleRuntime, ProgramRuntime, describe
 from .schedule import Schedule
 from .student import bits_buffers, check_student, default_scheduled, set_bits
 from .summary import summarize, summary_text
-from fbqc.signals import Interrupted, StopAtStepEnd
+from fbqc.signals import Stop, StopAtStepEnd
 
 
 @dataclass
@@ -294,7 +294,7 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                                            device=device)
                     world.barrier()
                 if interrupted:
-                    raise Interrupted(f"checkpoint saved at step {done}/{cfg.steps}; continue with "
+                    raise Stop(f"checkpoint saved at step {done}/{cfg.steps}; continue with "
                                       f"fbqc train --resume {out}" if out is not None else f"at step {done}")
             record(pending)
     finally:

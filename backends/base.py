@@ -1,4 +1,4 @@
-"""The backend contract: ``supports(program) -> SupportReport`` and ``compile(program, options, dir)``.
+"""The backend contract: ``supports(program, options) -> SupportReport`` and ``compile(program, options, dir)``.
 
 A backend receives an INTEGER program and writes its files into a directory the caller owns (the
 caller writes ``manifest.json`` and the reference inputs/outputs around them, then renames the
@@ -71,7 +71,9 @@ class Backend(Protocol):
     @property
     def version(self) -> str: ...
 
-    def supports(self, program: Program) -> SupportReport: ...
+    def supports(self, program: Program, options: dict[str, Any] | None = None) -> SupportReport:
+        """Per node: can the backend take it for these compile ``options`` (``--soc`` …)?"""
+        ...
 
     def compile(self, program: Program, options: dict[str, Any], out_dir: Path) -> Artifact: ...
 

@@ -31,7 +31,7 @@ def row(arch: str, work: Path, args) -> list[str]:
                            progress=False, log=lambda s: None)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    v = verify_artifact(out)
+    v = verify_artifact(out, full=True)         # the whole-model checks too (tiny models: seconds)
     verify_s = time.perf_counter() - t
     s, fr = v["summary"], v["free_running"]["summary"]
     b = result["manifest"]["backend"]

@@ -1,7 +1,14 @@
-"""fbqc's htp pipeline vs onnxruntime's own static PTQ (QNN QDQ config), same model, same HTP target.
+"""fbqc's htp pipeline vs onnxruntime's own static PTQ (QNN QDQ config), same model, same HTP target;
+or (``--phases``) where fbqc's compile time and memory go.
 
     python benchmarks/htp_compile.py                       # tiny Sana, W4A8, 16 calibration samples
     python benchmarks/htp_compile.py examples/pixart_sigma.py --calib-samples 32 --json
+    python benchmarks/htp_compile.py --phases --preset full --calib-samples 2 --repeat 2 [--contexts 1]
+
+``--phases``: fbqc's compile only, each phase's wall time (export, forwards, calibration, lowering,
+QNN contexts, saver, cpu reference, manifest), the time besides calibration as a multiple of one fp32
+forward measured in the same run, the peak memory of the whole process tree (sampled every 0.2 s:
+the QNN preparations run in child processes) and the context binaries' bytes by kind.
 
 Both paths start from the model file and end at a QNN HTP context binary for ``--soc`` (compiled with
 the CPU fallback disabled where possible), run on the HTP simulator on the example inputs:
@@ -22,9 +29,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +56,7 @@ def run_fbqc(model_file: Path, work: Path, args) -> dict:
     from fbqc.artifact import load_io
     from fbqc.backends.cpu import CpuBackend
     from fbqc.backends.htp import HtpBackend
+    from fbqc.backends.htp.ctx_hash import entries as ctx_entries
     from fbqc.pipeline import CompileOptions, compile_model
 
     out = work / "fbqc"
@@ -59,7 +69,7 @@ def run_fbqc(model_file: Path, work: Path, args) -> dict:
     y = HtpBackend().load(out).run(io["inputs"])[0]
     y_ref = CpuBackend().load(out).run(io["inputs"])[0]
     b = result["manifest"]["backend"]
-    return {"seconds": seconds, "context_bytes": b["sizes"]["model_ctx_qnn.bin"],
+    return {"seconds": seconds, "context_bytes": sum(e["bytes"] for e in ctx_entries(b)),
             "artifact_bytes": _dir_size(out), "cpu_nodes": b["placement"]["cpu_nodes"],
             "rel_error_vs_float": _rel(y, io["float_outputs"][0]),
             "rel_error_vs_own_cpu_reference": _rel(y, y_ref),
@@ -138,6 +148,83 @@ def run_ort(model_file: Path, work: Path, args) -> dict:
     return row
 
 
+class _TreeRss(threading.Thread):
+    """Highest summed RSS of this process and its descendants (the QNN child processes), sampled."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self._done = 0, threading.Event()
+
+    def _tree(self) -> int:
+        total, todo = 0, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except (OSError, StopIteration):
+                continue
+        return total
+
+    def run(self):
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, self._tree())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+def run_phases(model_file: Path, work: Path, args) -> dict:
+    from fbqc.pipeline import CompileOptions, compile_model
+
+    watch = _TreeRss()
+    watch.start()
+    t = time.perf_counter()
+    result = compile_model(model_file, work / "fbqc", CompileOptions(
+        target="htp", bits=args.bits, soc=args.soc, calib_samples=args.calib_samples, preset=args.preset,
+        contexts=args.contexts), progress=False, log=lambda s: None)
+    wall = time.perf_counter() - t
+    peak = watch.stop()
+    tm, b = result["timings"], result["manifest"]["backend"]
+    besides = wall - tm.get("Calibrate", 0.0)
+    return {"wall_seconds": wall, "besides_calibration_seconds": besides,
+            "fp32_forward_seconds": tm["float_forward"], "forwards": besides / tm["float_forward"],
+            "timings": tm, "peak_rss_main_gib": result["peak_rss_mb"] / 1024, "peak_rss_tree_gib": peak / 2**30,
+            "contexts": b["contexts"], "binary": b["binary"], "nodes": b["placement"]["nodes"],
+            "cpu_nodes": b["placement"]["cpu_nodes"]}
+
+
+def main_phases(args) -> int:
+    runs = []
+    for i in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="fbqc_bench_") as tmp:
+            runs.append(run_phases(Path(args.model), Path(tmp), args))
+        r = runs[-1]
+        if not args.json:
+            tm = r["timings"]
+            phases = {k: v for k, v in tm.items() if k not in ("total",)}
+            print(f"run {i + 1}: {r['wall_seconds']:.1f} s wall, {r['besides_calibration_seconds']:.1f} s besides "
+                  f"calibration = {r['forwards']:.1f} fp32 forwards ({r['fp32_forward_seconds']:.2f} s each); "
+                  f"{r['contexts']} context(s), {r['nodes']:,} nodes, {r['cpu_nodes']} on the CPU; peak RSS "
+                  f"{r['peak_rss_tree_gib']:.2f} GiB (process tree), {r['peak_rss_main_gib']:.2f} GiB (main)")
+            print("  " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+            x = r["binary"]
+            print(f"  binary {x['binary_bytes'] / 1e6:.1f} MB = {x['bits_per_quantized_weight']:.3f} bits per "
+                  f"quantized weight: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in x["bytes"].items()))
+    if args.json:
+        print(json.dumps({"model": args.model, "preset": args.preset, "runs": runs}, indent=2))
+    else:
+        b = [r["besides_calibration_seconds"] for r in runs]
+        f = [r["forwards"] for r in runs]
+        print(f"besides calibration: {min(b):.1f}–{max(b):.1f} s over {len(runs)} run(s) "
+              f"({min(f):.1f}–{max(f):.1f} fp32 forwards)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "examples" / "sana.py"))
@@ -145,7 +232,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--soc", default="SM8750")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="fbqc's compile only: time per phase, memory, bytes")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--contexts", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.phases:
+        return main_phases(args)
     model = Path(args.model)
     with tempfile.TemporaryDirectory(prefix="fbqc_bench_") as tmp:
         work = Path(tmp)

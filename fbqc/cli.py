@@ -106,12 +106,15 @@ def main(debug: bool) -> None:
               "[default: -O2 -std=c99 -ffp-contract=off].")
 @click.option("--soc", default=None, help="htp: target Snapdragon SoC, SM8750 (8 Elite, v79; default), "
               "SM8650 (v75) or SM8550 (v73).")
+@click.option("--contexts", type=click.IntRange(1, 64), default=None,
+              help="htp: split the model into N QNN contexts prepared in parallel (one EPContext model "
+                   "chaining them) [default: one per 256 MB of weights].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_samples, observer, scheme,
             include, exclude, layer_bits, a16, force, dry_run, verify_each, print_after_change, quiet,
-            as_json, emit_c=False, c_flags=None, soc=None, calib_data=None):
+            as_json, emit_c=False, c_flags=None, soc=None, calib_data=None, contexts=None):
     """Compile MODEL_FILE (model()/example_inputs()) to a quantized artifact for --target.
 
     MODEL_FILE may also be a training run directory (`fbqc train -o RUN`): the model file, bits and
@@ -131,7 +134,8 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
                              progress=_progress(quiet or as_json), log=log, target=target,
                              calib_samples=calib_samples, observer=observer, verify_each=verify_each,
                              print_after_change=print_after_change, emit_c=emit_c, c_flags=c_flags,
-                             soc=soc, calib_data=str(calib_data) if calib_data else None, **given)
+                             soc=soc, contexts=contexts, calib_data=str(calib_data) if calib_data else None,
+                             **given)
         _emit(ctx, result, compile_summary(result))
         return
 
@@ -140,12 +144,13 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
                           exclude=tuple(exclude), layer_bits=layer_bits, a16=tuple(a16),
                           preset=preset, checkpoint=str(checkpoint) if checkpoint else None,
                           verify_each=verify_each, print_after_change=print_after_change,
-                          emit_c=emit_c, c_flags=c_flags, soc=soc,
+                          emit_c=emit_c, c_flags=c_flags, soc=soc, contexts=contexts,
                           calib_data=str(calib_data) if calib_data else None)
     if (emit_c or c_flags) and target != "cpu":
         raise UserError(f"--emit-c/--c-flags are options of the cpu backend, not of --target {target}")
-    if soc and target != "htp":
-        raise UserError(f"--soc is an option of the htp backend, not of --target {target}")
+    for flag, value in (("--soc", soc), ("--contexts", contexts)):
+        if value and target != "htp":
+            raise UserError(f"{flag} is an option of the htp backend, not of --target {target}")
     quiet = quiet or as_json
     if dry_run:
         from .pipeline import plan
@@ -185,17 +190,34 @@ def export_diffusers(ctx, run_dir, out, force, as_json):
                         f"activations float); load it with {summary['model']}.from_pretrained")
 
 
+_BLOCKS_HELP = ("htp: transformer blocks to check as graphs of their own, fed the cpu reference's block "
+                "inputs: 'all', 'first,middle,last', indices '0,13,27' or names 'transformer_blocks.13'.")
+_SAMPLE_HELP = "htp: K evenly spaced transformer blocks, the first and the last included (instead of --blocks)."
+_JOBS_HELP = "htp: simulator runs at a time, in parallel processes [default: 1]."
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--all-layers", is_flag=True, help="List every layer, not only the worst.")
+@click.option("--blocks", "blocks", default=None, metavar="SPEC", help=_BLOCKS_HELP)
+@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="K", help=_SAMPLE_HELP)
+@click.option("--full", is_flag=True, default=False,
+              help="htp: also run the whole-model checks (end to end, free-running), however long they take "
+                   "[default: only when estimated short; otherwise blocks first,middle,last are checked].")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N", help=_JOBS_HELP)
 @click.pass_context
-def verify(ctx, artifact, as_json, all_layers):
-    """Re-run ARTIFACT on its backend and compare with the fake-quant model, per layer and end to end."""
+def verify(ctx, artifact, as_json, all_layers, blocks=None, sample=None, full=False, jobs=None):
+    """Re-run ARTIFACT on its backend and compare with the fake-quant model, per layer and end to end.
+
+    htp artifacts: every layer is checked teacher-forced on the HTP simulator; the whole model (end to
+    end, free-running) too when that is estimated short, else sampled transformer blocks (each compiled
+    on its own). The plan and its time estimate are printed (stderr) before the simulator starts."""
     from .verification import summary_text
     from .verification import verify_artifact
 
-    result = verify_artifact(artifact)
+    log = None if as_json else (lambda s: click.echo(s, err=True))
+    result = verify_artifact(artifact, blocks=blocks, sample=sample, full=full or None, jobs=jobs, log=log)
     text = summary_text(result, all_layers)          # a backend may format its own report (htp)
     if "emitted_c" in result:                   # cpu artifacts compiled with --emit-c
         from fbqc.backends.cpu.c_emit.check import describe
@@ -211,14 +233,24 @@ def verify(ctx, artifact, as_json, all_layers):
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also keep the raw profile CSV (QNN EP profiling_level=detailed) here.")
+              help="Also keep the raw profile CSV (QNN EP profiling_level=detailed) here (with --blocks: "
+                   "one per block, named CSV_STEM.<block>.csv).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@click.option("--blocks", "blocks", default=None, metavar="SPEC",
+              help="Profile these transformer blocks, each compiled as a graph of its own, and estimate the "
+                   "whole model's block cycles (" + _BLOCKS_HELP.split(": ", 1)[1].rstrip(".") + ").")
+@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="K", help=_SAMPLE_HELP)
+@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N", help=_JOBS_HELP)
 @click.pass_context
-def profile(ctx, artifact, csv_path, as_json):
-    """Simulated cost of ARTIFACT: HTP cycles per op type and in total, on its example inputs (htp)."""
+def profile(ctx, artifact, csv_path, as_json, blocks=None, sample=None, jobs=None):
+    """Simulated cost of ARTIFACT: HTP cycles per op type and in total, on its example inputs (htp).
+
+    Without --blocks/--sample the whole context binary is profiled (a full-size model takes long);
+    with them, sampled transformer blocks, and the whole model's block cycles are estimated from them."""
     from .verification import profile_artifact
 
-    result, text = profile_artifact(artifact, csv_path)
+    log = None if as_json else (lambda s: click.echo(s, err=True))
+    result, text = profile_artifact(artifact, csv_path, blocks=blocks, sample=sample, jobs=jobs, log=log)
     _emit(ctx, result, text)
 
 

@@ -9,12 +9,12 @@ after each change (``print_after_change``). Instruments observe passes without t
 """
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence, TextIO
 
+from .memory import peak_rss_mb
 from .program import PassRecord, Program
 from .stage import Stage
 
@@ -101,10 +101,6 @@ class Instrument:
     def after_pass(self, p: Pass, result: PassResult, record: PassRecord) -> None: ...
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class PassManager:
     """Runs an ordered list of passes (one explicit list per pipeline, no pairwise constraints)."""
 
@@ -127,7 +123,7 @@ class PassManager:
             start = time.perf_counter()
             result = p(program)
             record = PassRecord(p.name, "/".join(str(s) for s in p.required_stages()), str(p.produces),
-                                result.modified, time.perf_counter() - start, _peak_rss_mb())
+                                result.modified, time.perf_counter() - start, peak_rss_mb())
             program = result.program
             program.history.append(record)
             if self.verify_each:

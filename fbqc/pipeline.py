@@ -4,8 +4,8 @@
 """
 from __future__ import annotations
 
+import gc
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from .agreement import end_to_end, output_lsb
 from .artifact import FORMAT, save_io, sha256_tensor, staging, write_manifest
 from .errors import UserError
 from .frontend import export_model_file
+from .memory import available_bytes, peak_rss_mb
 from .pass_infra import Instrument, PassManager
 from .program import Program
 from .spec import QUANT
@@ -44,15 +45,12 @@ class CompileOptions:
     emit_c: bool = False                            # cpu backend: also write standalone C (c/, weights.bin)
     c_flags: str | None = None                      # C compiler flags for the README / fbqc verify
     soc: str | None = None                          # htp backend: target SoC (--soc; None: SM8750)
+    contexts: int | None = None                     # htp backend: QNN contexts (--contexts; None: by size)
 
     def flags(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("verify_each"), d.pop("print_after_change")
         return d
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -143,22 +141,13 @@ def plan(model_path: str | Path, opts: CompileOptions, *, log: Callable[[str], N
                        "container": spec.weight.container.logical, "act_bits_in": spec.input.bits,
                        "shape": list(w.shape), "params": w.numel()})
     need = PEAK_OVER_WEIGHTS * float_bytes
-    avail = _available_bytes()
+    avail = available_bytes()
     return {"module": program.info["module"], "meta_weights": program.info["meta_weights"],
             "export_seconds": export_s, "params": sum(v.numel() for v in state.values()),
             "float_bytes": float_bytes, "layers": layers,
             "quantized_params": sum(r["params"] for r in layers),
             "compile_memory_estimate_bytes": need, "available_bytes": avail,
-            "fits": avail is not None and need < avail, "peak_rss_mb": _rss_mb()}
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info.get("MemAvailable")
-    except OSError:
-        return None
+            "fits": avail is not None and need < avail, "peak_rss_mb": peak_rss_mb()}
 
 
 
@@ -235,11 +224,21 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
         int_out = _flat(integer.run_example())
     _check_finite(integer, int_out, "integer model")
 
-    report = backend.supports(integer)
+    layers = layer_table(integer)
+    size = size_summary(program, layers)
+    model_info = {"file": str(model_path), "module": program.info["module"], "opts": program.info.get("opts", {})}
+    skipped = program.info.get("skipped_layers", {})
+    calib_entry = calibration.entry(fq.info.get("calibration", {}))
+    # the backend needs only the INTEGER program: free the float and fake-quant models (and the
+    # calibration data) before it (SD3.5-Medium: 9.2 GiB of fp32 weights)
+    del program, fq, calibration, data, first, second, pm, ins
+    gc.collect()
+    t = time.perf_counter()
+    report = backend.supports(integer, opts.flags())   # htp: the QNN compile itself, kept for compile()
+    timings["supports"] = time.perf_counter() - t
     if not report.ok:
         raise UserError(report.describe())
     bar.set_description(f"backend {backend.name}")
-    layers = layer_table(integer)
     lsb = output_lsb(integer)
     agreement = {
         "integer_vs_fake_quant": [r.as_dict() for r in end_to_end(int_out, fq_out, lsb)],
@@ -255,16 +254,15 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
             "fbqc": __version__,
             "versions": _versions(),
             "backend": {"name": backend.name, "version": backend.version, **artifact.manifest},
-            "model": {"file": str(model_path), "module": program.info["module"],
-                      "opts": program.info.get("opts", {})},
+            "model": model_info,
             "flags": opts.flags(),
             "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in integer.example_inputs.items() if isinstance(v, torch.Tensor)},
-            "calibration": calibration.entry(fq.info.get("calibration", {})),
+            "calibration": calib_entry,
             "stages": [{"pass": r.name, "requires": r.requires, "produces": r.produces,
                         "modified": r.modified} for r in integer.history],
-            "skipped_layers": program.info.get("skipped_layers", {}),
-            "size": size_summary(program, layers),
+            "skipped_layers": skipped,
+            "size": size,
             "agreement": agreement,
             **({"run": run} if run is not None else {}),
             "layers": layers,
@@ -275,7 +273,8 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     bar.close()
     timings["total"] = time.perf_counter() - t0
     timings.update({r.name: r.seconds for r in integer.history})
-    return {"artifact": str(out), "manifest": manifest, "timings": timings, "peak_rss_mb": _rss_mb()}
+    timings.update({f"backend.{k}": v for k, v in getattr(backend, "last_timings", {}).items()})
+    return {"artifact": str(out), "manifest": manifest, "timings": timings, "peak_rss_mb": peak_rss_mb()}
 
 
 def _check_finite(program: Program, outputs: list[torch.Tensor], what: str) -> None:

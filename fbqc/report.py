@@ -36,10 +36,24 @@ def _context_binary(b: dict[str, Any]) -> str | None:
         c = {"file": "model_ctx_qnn.bin", "bytes": b["sizes"]["model_ctx_qnn.bin"]}
     if not c:
         return None
+    if isinstance(c, list):          # a model split into several QNN contexts
+        return (f"{len(c)} contexts, {_mb(sum(e['bytes'] for e in c))} in all ("
+                + ", ".join(f"{e['file']} {_mb(e['bytes'])}" for e in c) + "); stable sha256 "
+                + ", ".join(e["stable_sha256"][:12] + "…" for e in c))
     line = f"{c['file']} {_mb(c['bytes'])}"
     if "stable_sha256" in c:
         line += f", stable sha256 {c['stable_sha256'][:12]}… ({c['varying_bytes']:,} varying bytes masked)"
     return line
+
+
+def _binary(b: dict[str, Any]) -> str | None:
+    """An htp binary's bits per quantized weight and where its bytes go (backends/htp/sizes.py)."""
+    x = b.get("binary")
+    if not x or not x.get("bits_per_quantized_weight"):
+        return None
+    top = sorted(((v, k) for k, v in x["bytes"].items() if v), reverse=True)[:3]
+    parts = ", ".join(f"{k.split('_')[0]} {v / 1e6:,.1f}" for v, k in top)
+    return f"{x['bits_per_quantized_weight']:.2f} bits/quantized weight ({parts} MB)"
 
 
 def _run(r: dict[str, Any]) -> str:
@@ -64,6 +78,7 @@ def compile_summary(result: dict[str, Any]) -> str:
         ["time", f"{result['timings']['total']:.1f} s, peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB"],
     ]
     extra = [["placement", _placement(m["backend"])], ["context binary", _context_binary(m["backend"])],
+             ["binary bytes", _binary(m["backend"])],
              ["trained in run", _run(m["run"]) if m.get("run") else None]]
     rows[2:2] = [r for r in extra if r[1]]
     return _table(["compile", ""], rows)
@@ -103,7 +118,7 @@ def inspect_summary(m: dict[str, Any]) -> str:
              f"{s['bits_per_quantized_param']:.3f} bits per quantized param",
              "stages   " + " → ".join(f"{st['pass']}" for st in m["stages"])]
     for label, text in (("run", _run(m["run"]) if m.get("run") else None), ("htp", _placement(m["backend"])),
-                        ("context", _context_binary(m["backend"]))):
+                        ("context", _context_binary(m["backend"])), ("binary", _binary(m["backend"]))):
         if text:
             lines.insert(1 if label == "run" else len(lines), f"{label:<8} {text}")
     lines.append("")

@@ -6,15 +6,36 @@ from typing import Any
 
 from .agreement import check_layer, end_to_end, nonfinite_rows, output_lsb, summarize
 from .artifact import check_hashes, load_io, read_manifest
-from .errors import ArtifactError
+from .errors import ArtifactError, UserError
+
+#: options of the htp backend's bounded-time verify / profile (None: not given)
+SIM_OPTIONS = {"blocks": "--blocks", "sample": "--sample", "full": "--full", "jobs": "--jobs"}
 
 
-def verify_artifact(directory: str | Path) -> dict[str, Any]:
-    """Per-layer teacher-forced and end-to-end agreement (DESIGN.md §3) of the artifact in ``directory``."""
+def _sim_options(backend: str, options: dict[str, Any], what: str) -> dict[str, Any]:
+    """The options given (not None); on a backend without a simulator, the first one is an error."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and backend != "htp":
+        flag = SIM_OPTIONS[next(iter(given))]
+        raise UserError(f"{flag} is for htp artifacts; the {backend} backend {what}")
+    return given
+
+
+def verify_artifact(directory: str | Path, *, blocks: str | None = None, sample: int | None = None,
+                    full: bool | None = None, jobs: int | None = None, log=None) -> dict[str, Any]:
+    """Per-layer teacher-forced and end-to-end agreement (DESIGN.md §3) of the artifact in ``directory``.
+
+    htp artifacts: ``blocks``/``sample`` choose transformer blocks checked as graphs of their own,
+    ``full`` the whole-model checks, ``jobs`` the simulator runs at a time (see backends/htp/verify.py);
+    ``log`` receives the plan and its time estimate before any simulator work.
+    """
     from fbqc.backends import load_backend
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    opts = _sim_options(manifest["backend"]["name"], {"blocks": blocks, "sample": sample, "full": full,
+                                                      "jobs": jobs},
+                        "checks every layer and the whole model")
     bad = check_hashes(directory, manifest)
     if bad:
         raise ArtifactError(f"{directory}: file(s) {', '.join(bad)} do not match the manifest's hashes")
@@ -23,7 +44,7 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
     loaded = backend.load(directory)
     own = getattr(loaded, "verify", None)     # a backend that checks itself against a reference (htp)
     if own is not None:
-        return _no_agreement_with_nonfinite(own(io))
+        return _no_agreement_with_nonfinite(own(io, log=log, **opts))
     outputs = loaded.run(io["inputs"])
     lsb = output_lsb(loaded.program) if hasattr(loaded, "program") else None
     layers_meta = {r["layer"]: r for r in manifest["layers"]}
@@ -68,16 +89,23 @@ def summary_text(result: dict[str, Any], all_layers: bool = False) -> str:
     return fmt(result, all_layers) if fmt is not None else verify_summary(result, all_layers)
 
 
-def profile_artifact(directory: str | Path, csv_path: Path | None = None) -> tuple[dict[str, Any], str]:
-    """``fbqc profile``: the backend's simulated cost of the artifact on its example inputs."""
+def profile_artifact(directory: str | Path, csv_path: Path | None = None, *, blocks: str | None = None,
+                     sample: int | None = None, jobs: int | None = None, log=None) -> tuple[dict[str, Any], str]:
+    """``fbqc profile``: the backend's simulated cost of the artifact on its example inputs (htp: the
+    whole context, or with ``blocks``/``sample`` each chosen transformer block compiled on its own)."""
     from fbqc.backends import load_backend
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    backend = load_backend(manifest["backend"]["name"])
+    name = manifest["backend"]["name"]
+    opts = _sim_options(name, {"blocks": blocks, "sample": sample, "jobs": jobs},
+                        "has no simulator profile (compile with --target htp)")
+    if jobs is not None and blocks is None and sample is None:
+        raise UserError("--jobs runs sampled blocks in parallel: give --blocks or --sample with it")
+    backend = load_backend(name)
     loaded = backend.load(directory)
     if not hasattr(loaded, "profile"):
         raise ArtifactError(f"{directory}: the {backend.name} backend has no simulator profile "
                             f"(compile with --target htp)")
-    result = loaded.profile(load_io(directory), csv_path)
+    result = loaded.profile(load_io(directory), csv_path, log=log, **opts)
     return result, backend.profile_summary(result)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from fbqc.data import take
 from fbqc.hooks import hooked
+from fbqc.memory import available_bytes
 from fbqc.pass_infra import Pass, PassError, PassResult
 from fbqc.program import Program
 from fbqc.quant_math import act_qparams
@@ -49,12 +50,18 @@ class RangeObserver:
 
 
 def _freeze_weights(program: Program) -> None:
-    """Replace each fake_quant_weight by its value, computed once instead of on every sample."""
-    for n in list(program.graph.nodes):
-        if n.target == fbqc.fake_quant_weight.default:
-            value = n.target(*[program.attr(a) if hasattr(a, "op") else a for a in n.args])
-            n.replace_all_uses_with(program.add_constant(f"{n.name}_value", value, before=n))
-            program.graph.erase_node(n)
+    """Replace each fake_quant_weight by its value, computed once instead of on every sample — where
+    memory allows: the values are a second fp32 copy of the quantized weights (SD3.5-Medium: 8.9 GB),
+    so beyond a quarter of the available memory each sample computes them again (same numbers)."""
+    nodes = [n for n in program.graph.nodes if n.target == fbqc.fake_quant_weight.default]
+    need = sum(program.attr(n.args[0]).numel() * 4 for n in nodes)
+    avail = available_bytes()
+    if avail is not None and need > avail // 4:
+        return
+    for n in nodes:
+        value = n.target(*[program.attr(a) if hasattr(a, "op") else a for a in n.args])
+        n.replace_all_uses_with(program.add_constant(f"{n.name}_value", value, before=n))
+        program.graph.erase_node(n)
     program.graph.eliminate_dead_code()
     program.graph_module.recompile()
 

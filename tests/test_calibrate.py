@@ -97,3 +97,27 @@ def test_data_free_default_is_stated_and_shaped_like_examples():
     assert a["x"].shape == ex["x"].shape and not torch.equal(a["x"], b["x"])
     assert torch.equal(a["t"], ex["t"]) and torch.equal(a["ids"], ex["ids"])
     assert "data-free" in DATA_FREE_NOTE
+
+
+def test_weights_not_frozen_when_memory_is_short_give_the_same_ranges(monkeypatch):
+    """Calibrate computes the fake-quantized weights once (a second fp32 copy of them) only where a
+    quarter of the available memory holds them; otherwise on every sample — with the same result."""
+    import fbqc.passes.calibrate as cal
+
+    program, _ = fbqc.export_model_file(example("sana"))
+    data = list(itertools.islice(_module("sana").calibration_data(), 3))
+
+    def ranges(avail):
+        monkeypatch.setattr(cal, "available_bytes", lambda: avail)
+        frozen = []
+        real = cal.Program.add_constant
+        monkeypatch.setattr(cal.Program, "add_constant",
+                            lambda self, name, *a, **k: (frozen.append(name), real(self, name, *a, **k))[1])
+        fq = PassManager([AnnotateLinears(), InsertFakeQuant(), Calibrate(data, 3)])(program)
+        monkeypatch.undo()
+        return fq.info["act_ranges"], [n for n in frozen if n.endswith("_value")]
+
+    plenty, frozen = ranges(1 << 40)
+    short, not_frozen = ranges(1024)
+    assert len(frozen) == 20 and not_frozen == []
+    assert short == plenty

@@ -40,7 +40,7 @@ class CpuBackend:
     def version(self) -> str:
         return f"fbqc {fbqc.__version__}, torch {torch.__version__}"
 
-    def supports(self, program: Program) -> SupportReport:
+    def supports(self, program: Program, options: dict[str, Any] | None = None) -> SupportReport:
         report = SupportReport(self.name)
         for n in program.graph.nodes:
             if n.op != "call_function":

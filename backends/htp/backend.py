@@ -13,6 +13,7 @@ Artifact (besides ``manifest.json`` and ``io.pt``):
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from fbqc.program import Program
 from ..base import Artifact, SupportReport
 from ..cpu import CpuBackend
 from . import qnn
+from .ctx_hash import entries
 
 
 class HtpBackend:
@@ -34,6 +36,7 @@ class HtpBackend:
 
     def __init__(self):
         self._lowered: dict[int, tuple[str, Any]] = {}
+        self._built: tuple[tuple, tempfile.TemporaryDirectory, dict[str, Any]] | None = None
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -59,29 +62,62 @@ class HtpBackend:
         """Fail before any work on a bad ``--soc``."""
         qnn.soc(options.get("soc"))
 
-    def supports(self, program: Program, soc: str | None = None) -> SupportReport:
-        """Static rules, then the QNN EP's own placement of every lowered node."""
-        from .qnn_compile import off_htp, save_qdq
+    def _build(self, program: Program, target: qnn.Soc, contexts: int | None) -> tuple[Path, dict[str, Any]]:
+        """The QNN compile of ``program`` for ``target`` into a scratch directory, done once.
+
+        supports() needs the HTP's own verdict on every node, which is the compile itself (the graph
+        preparation is most of a compile's time); compile() then takes the files from here.
+        """
+        from .qnn_compile import compile_all
+
+        key = (id(program), program.graph_fingerprint(), target.name, contexts)
+        if self._built is None or self._built[0] != key:
+            self._drop_built()
+            low = self.lowered(program)
+            tmp = tempfile.TemporaryDirectory(prefix="fbqc_htp_build_")
+            try:
+                res = compile_all(low, Path(tmp.name), target, contexts=contexts)
+            except BaseException:
+                tmp.cleanup()
+                raise
+            self._built = (key, tmp, res)
+        return Path(self._built[1].name), self._built[2]
+
+    def _drop_built(self) -> None:
+        if self._built is not None:
+            self._built[1].cleanup()
+            self._built = None
+
+    def supports(self, program: Program, options: dict[str, Any] | None = None) -> SupportReport:
+        """Static rules, then the QNN HTP's own verdict: the graph compiled with the CPU fallback
+        disabled (kept for compile()), and where that fails, the EP's placement of every node."""
+        from .qnn_compile import PlacementError
         from .support import add_ep_rows, static_report
 
         report = static_report(program, self.name)
         if not report.ok:
             return report
-        target = qnn.soc(soc)
-        low = self.lowered(program)
-        with tempfile.TemporaryDirectory(prefix="fbqc_htp_probe_") as tmp:
-            qdq = save_qdq(low, Path(tmp))
-            rows = off_htp(qnn.placement_probe(qdq, target))
-        return add_ep_rows(report, rows, low.origin, {li.layer: li.source for li in low.layers}, target.name)
+        target = qnn.soc((options or {}).get("soc"))
+        try:
+            self._build(program, target, (options or {}).get("contexts"))
+        except PlacementError as e:
+            low = self.lowered(program)
+            return add_ep_rows(report, e.rows, low.origin, {li.layer: li.source for li in low.layers},
+                               target.name)
+        return report
 
     def compile(self, program: Program, options: dict[str, Any], out_dir: Path) -> Artifact:
         from .lower import describe_inputs
-        from .qnn_compile import compile_all
 
         target = qnn.soc(options.get("soc"))
         low = self.lowered(program)
         ref = CpuBackend().compile(program, options, out_dir)      # program.pt2: the cpu reference
-        res = compile_all(low, out_dir, target)
+        try:
+            built, res = self._build(program, target, options.get("contexts"))
+            for f in res["files"]:
+                shutil.move(str(built / f), out_dir / f)
+        finally:
+            self._drop_built()
         res["seconds"] = {"lower": low.seconds, **res["seconds"]}
         prep = low.prepared
         section = {
@@ -89,7 +125,7 @@ class HtpBackend:
             "product": target.product, **qnn.versions(),
             "session": {"session.disable_cpu_ep_fallback": "1", "ep.context_enable": "1",
                         **{k: v for k, v in qnn.provider_options(target).items() if k != "backend_path"}},
-            "context": "model_ctx.onnx", "qdq_onnx": "model.qdq.onnx", "reference": ref.manifest["program"],
+            "context": "model_ctx.onnx", "contexts": len(entries(res)), "qdq_onnx": "model.qdq.onnx", "reference": ref.manifest["program"],
             "inputs": describe_inputs(low),
             "baked_inputs": {k: sha256_tensor(v) for k, v in prep.baked_inputs.items()},
             "cast_inputs": prep.cast_inputs,
@@ -97,7 +133,7 @@ class HtpBackend:
                         "acts": f"A{li.x_bits}" + (f"→A{li.y_bits}" if li.y_bits != li.x_bits else "")}
                        for li in prep.layers],
             "folded_constants": prep.folded, "lowering_fixes": low.fixes,
-            "placement": res["placement"], "sizes": res["sizes"],
+            "placement": res["placement"], "sizes": res["sizes"], "binary": res["binary"],
             "context_binary": res["context_binary"],     # which bytes vary compile to compile; stable hash
         }
         self.last_timings = res["seconds"]       # not in the manifest: equal inputs → equal manifest

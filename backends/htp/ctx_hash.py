@@ -83,3 +83,9 @@ def check(directory: Path, entry: dict[str, Any]) -> str | None:
         return f"{entry['file']}'s content (outside the varying lookup-table ranges) does not match the " \
                f"manifest's stable_sha256"
     return None
+
+
+def entries(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's context binaries (one entry, or one per context of a split model)."""
+    c = info.get("context_binary")
+    return [] if not c else list(c) if isinstance(c, list) else [c]

@@ -8,6 +8,7 @@ came from — never a silent CPU run.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ import onnx
 
 from fbqc.errors import UserError
 
-from . import ctx_hash, qnn, saver
+from . import ctx_hash, partition, qnn, saver, sizes
 from .lower import Lowered, check
 
 QDQ_FILE = "model.qdq.onnx"
@@ -44,31 +45,62 @@ def off_htp(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def save_qdq(lowered: Lowered, out_dir: Path) -> Path:
+    """Write ``model.qdq.onnx`` (checked); returns its path."""
+    return save_checked(lowered, out_dir)[0]
+
+
+def save_checked(lowered: Lowered, out_dir: Path) -> tuple[Path, onnx.ModelProto]:
+    """Write ``model.qdq.onnx``; returns its path and the checked, shape-inferred model."""
     proto = lowered.proto()
-    check(proto)
+    inferred = check(proto)
     path = out_dir / QDQ_FILE
     onnx.save(proto, path)
-    return path
+    return path, inferred
 
 
-def compile_context(qdq: Path, out_dir: Path, target: qnn.Soc, origin: dict[str, str]
-                    ) -> list[dict[str, str]]:
-    """Write ``model_ctx.onnx`` + ``model_ctx_qnn.bin``; returns the placement (all rows on the HTP)."""
-    try:
-        sess = qnn.session(qdq, target, context=out_dir / CTX_FILE, record_placement=True)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail types
-        if "assigned to the default CPU EP" not in str(e):
-            raise UserError(f"QNN HTP compile failed ({target.name}): {str(e).strip().splitlines()[0]}") from e
-        raise PlacementError(off_htp(qnn.placement_probe(qdq, target)), origin, target) from None
-    rows = qnn.placement(sess)
+def part_binary(i: int, parts: int) -> str:
+    """The context binary of part ``i`` (onnxruntime names it after the part's EPContext model)."""
+    return CTX_BIN if parts == 1 else f"model_ctx_p{i}_qnn.bin"
+
+
+def compile_context(qdq: Path, model: onnx.ModelProto, out_dir: Path, target: qnn.Soc, origin: dict[str, str],
+                    contexts: int | None = None) -> tuple[list[dict[str, str]], list[str]]:
+    """Write ``model_ctx.onnx`` and its context binaries; returns the placement (all rows on the HTP)
+    and the binaries' file names. ``contexts``: how many QNN contexts (None: one per
+    :data:`~.partition.PART_BYTES` of weights), prepared in parallel child processes."""
+    parts = contexts or partition.auto_parts(model)
+    cuts = partition.plan(model, parts)
+    parts = len(cuts) + 1
+    with tempfile.TemporaryDirectory(prefix="fbqc_htp_parts_") as tmp:
+        if parts == 1:
+            jobs = [(qdq, out_dir / CTX_FILE)]
+        else:
+            jobs = []
+            for i, part in enumerate(partition.split(model, cuts)):
+                onnx.save(part, Path(tmp) / f"part{i}.onnx")
+                jobs.append((Path(tmp) / f"part{i}.onnx", out_dir / f"model_ctx_p{i}.onnx"))
+        results = partition.run_children(jobs, target.name, partition.default_parallel(parts))
+        for i, r in enumerate(results):
+            if "error" not in r:
+                continue
+            if "assigned to the default CPU EP" in r["error"]:      # name the nodes: probe that part only
+                raise PlacementError(off_htp(qnn.placement_probe(jobs[i][0], target)), origin, target)
+            where = f", context {i + 1} of {parts}" if parts > 1 else ""
+            raise UserError(f"QNN HTP compile failed ({target.name}{where}): {r['error'].splitlines()[0]}")
+    rows = [row for r in results for row in r["rows"]]
     bad = off_htp(rows)
     if bad:                                  # cannot happen with the fallback disabled; checked anyway
         raise PlacementError(bad, origin, target)
-    del sess
-    for f in (CTX_FILE, CTX_BIN):
+    if parts > 1:
+        ctx = [onnx.load(str(c)) for _, c in jobs]
+        onnx.save(partition.join(ctx, model), out_dir / CTX_FILE)
+        for _, c in jobs:
+            c.unlink()
+    bins = [part_binary(i, parts) for i in range(parts)]
+    for f in (CTX_FILE, *bins):
         if not (out_dir / f).is_file():
             raise UserError(f"onnxruntime did not write {f}")
-    return rows
+    return rows, bins
 
 
 def placement_report(rows: list[dict[str, str]], qnn_ops: dict[str, str], target: qnn.Soc,
@@ -84,26 +116,43 @@ def placement_report(rows: list[dict[str, str]], qnn_ops: dict[str, str], target
             "lowering_fixes": lowered.fixes}
 
 
-def compile_all(lowered: Lowered, out_dir: Path, target: qnn.Soc, *, with_saver: bool = True
-                ) -> dict[str, Any]:
-    """QDQ ONNX, context binary, saver source and placement report into ``out_dir``."""
+def compile_all(lowered: Lowered, out_dir: Path, target: qnn.Soc, *, with_saver: bool = True,
+                contexts: int | None = None) -> dict[str, Any]:
+    """QDQ ONNX, context binary, saver source and placement report into ``out_dir``.
+
+    The saver child process records the QNN C source while this process prepares the HTP graph (both
+    are single-threaded). A node the HTP cannot take raises :class:`PlacementError`.
+    """
     t0 = time.perf_counter()
-    qdq = save_qdq(lowered, out_dir)
+    qdq, inferred = save_checked(lowered, out_dir)
     t1 = time.perf_counter()
-    rows = compile_context(qdq, out_dir, target, lowered.origin)
-    t2 = time.perf_counter()
-    qnn.session(out_dir / CTX_FILE, target)            # the context loads with the fallback disabled
-    files = [QDQ_FILE, CTX_FILE, CTX_BIN]
-    ops: dict[str, str] = {}
-    if with_saver:
-        files += saver.save(qdq, qnn.provider_options(target), out_dir)
-        ops = saver.qnn_ops(out_dir / "saver_output.c")
-    t3 = time.perf_counter()
+    recording = saver.SaverRun(qdq, qnn.provider_options(target)) if with_saver else None
+    try:
+        rows, bins = compile_context(qdq, inferred, out_dir, target, lowered.origin, contexts)
+        weights = {li.weight for li in lowered.layers}
+        binary = sizes.breakdown(inferred, sum((out_dir / b).stat().st_size for b in bins),
+                                 sum(sizes.count(t) for t in inferred.graph.initializer if t.name in weights))
+        del inferred
+        t2 = time.perf_counter()
+        qnn.session(out_dir / CTX_FILE, target)            # the context loads with the fallback disabled
+        t3 = time.perf_counter()
+        files = [QDQ_FILE, CTX_FILE, *bins]
+        ops: dict[str, str] = {}
+        if recording is not None:
+            files += recording.finish(out_dir)
+            ops = saver.qnn_ops(out_dir / "saver_output.c")
+    finally:
+        if recording is not None:
+            recording.cancel()
+    t4 = time.perf_counter()
     report = placement_report(rows, ops, target, lowered)
     (out_dir / PLACEMENT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     files.append(PLACEMENT_FILE)
     summary = {k: v for k, v in report.items() if k != "rows"}
-    sizes = {f: (out_dir / f).stat().st_size for f in files}
-    return {"files": files, "placement": summary, "sizes": sizes,
-            "context_binary": ctx_hash.describe(out_dir / CTX_BIN),
-            "seconds": {"qdq_onnx": t1 - t0, "qnn_context": t2 - t1, "qnn_saver": t3 - t2}}
+    file_sizes = {f: (out_dir / f).stat().st_size for f in files}
+    return {"files": files, "placement": summary, "sizes": file_sizes,
+            "binary": binary,
+            "context_binary": ctx_hash.describe(out_dir / bins[0]) if len(bins) == 1 else
+            [ctx_hash.describe(out_dir / b) for b in bins],
+            "seconds": {"qdq_onnx": t1 - t0, "qnn_context": t2 - t1, "context_load": t3 - t2,
+                        "qnn_saver_wait": t4 - t3}}

@@ -11,6 +11,7 @@ from fbqc.artifact import read_manifest, sha256_tensor
 from fbqc.errors import ArtifactError, UserError
 
 from . import qnn
+from .ctx_hash import entries
 from .qnn_compile import CTX_BIN, CTX_FILE, QDQ_FILE
 
 _NP = {"float": np.float32, "int32": np.int32, "int64": np.int64, "uint8": np.uint8, "bool": np.bool_}
@@ -23,7 +24,8 @@ class HtpArtifact:
         info = self.manifest["backend"]
         if info.get("name") != "htp":
             raise ArtifactError(f"{directory} is a {info.get('name')} artifact, not htp")
-        for f in (CTX_FILE, CTX_BIN, QDQ_FILE):
+        binaries = [e["file"] for e in entries(info)] or [CTX_BIN]
+        for f in (CTX_FILE, *binaries, QDQ_FILE):
             if not (self.directory / f).is_file():
                 raise ArtifactError(f"{directory}: missing {f}")
         self.info = info
@@ -79,18 +81,26 @@ class HtpArtifact:
         """The context binary against the manifest's stable hash (its varying bytes masked)."""
         from .ctx_hash import check
 
-        entry = self.info.get("context_binary")
-        why = check(self.directory, entry) if entry else None
-        if why:
-            raise ArtifactError(f"{self.directory}: {why}")
+        for entry in entries(self.info):
+            why = check(self.directory, entry)
+            if why:
+                raise ArtifactError(f"{self.directory}: {why}")
 
-    def verify(self, io: dict[str, Any]) -> dict[str, Any]:
+    def verify(self, io: dict[str, Any], *, blocks: str | None = None, sample: int | None = None,
+               full: bool | None = None, jobs: int = 1, log=None) -> dict[str, Any]:
+        """Teacher-forced check of every layer; sampled blocks and/or the whole model (see verify.py)."""
         from .verify import verify
 
         self.check_context()
-        return verify(self, io)
+        return verify(self, io, blocks=blocks, sample=sample, full=full, jobs=jobs, log=log)
 
-    def profile(self, io: dict[str, Any], out_csv: Path | None = None) -> dict[str, Any]:
+    def profile(self, io: dict[str, Any], out_csv: Path | None = None, *, blocks: str | None = None,
+                sample: int | None = None, jobs: int = 1, log=None) -> dict[str, Any]:
+        """The whole context's simulated cycles, or (``blocks``/``sample``) those of sampled blocks."""
+        if blocks is not None or sample is not None:
+            from .profile import profile_blocks
+
+            return profile_blocks(self, io, out_csv, blocks=blocks, sample=sample, jobs=jobs, log=log)
         from .profile import profile
 
         return profile(self, io, out_csv)

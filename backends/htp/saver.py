@@ -19,23 +19,42 @@ FILES = ("saver_output.c", "params.bin")
 _OP = re.compile(r'\{"([^"]*)", "qti\.aisw", "([A-Za-z0-9_]+)"')
 
 
-def save(model: Path, provider_options: dict[str, str], out_dir: Path, timeout: float = 3600) -> list[str]:
-    """Write ``saver_output.c`` and ``params.bin`` for ``model`` into ``out_dir``.
+class SaverRun:
+    """``libQnnSaver`` recording ``model`` in a child process, started now, collected by :meth:`finish`.
 
+    It needs no HTP graph preparation, so it runs beside the context compile (on another core).
     ``provider_options``: the QNN EP options of the real compile (``qnn_saver_path`` is added).
     """
-    opts = {**provider_options, "qnn_saver_path": str(Path(provider_options["backend_path"]).parent
-                                                      / "libQnnSaver.so")}
-    with tempfile.TemporaryDirectory(prefix="fbqc_saver_") as tmp:
-        proc = subprocess.run([sys.executable, __file__, str(Path(model).resolve()), json.dumps(opts)],
-                              cwd=tmp, capture_output=True, text=True, timeout=timeout)
-        src = Path(tmp) / "saver_output"
-        if proc.returncode != 0 or not all((src / f).is_file() for f in FILES):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"libQnnSaver did not write {' + '.join(FILES)}: {tail[0]}")
-        for f in FILES:
-            shutil.move(str(src / f), out_dir / f)
-    return list(FILES)
+
+    def __init__(self, model: Path, provider_options: dict[str, str], timeout: float = 3600):
+        opts = {**provider_options, "qnn_saver_path": str(Path(provider_options["backend_path"]).parent
+                                                          / "libQnnSaver.so")}
+        self.timeout = timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix="fbqc_saver_")
+        self._proc = subprocess.Popen([sys.executable, __file__, str(Path(model).resolve()), json.dumps(opts)],
+                                      cwd=self._tmp.name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+
+    def finish(self, out_dir: Path) -> list[str]:
+        """Wait for the child; move ``saver_output.c`` and ``params.bin`` into ``out_dir``."""
+        try:
+            out, err = self._proc.communicate(timeout=self.timeout)
+            src = Path(self._tmp.name) / "saver_output"
+            if self._proc.returncode != 0 or not all((src / f).is_file() for f in FILES):
+                tail = (err or out).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"libQnnSaver did not write {' + '.join(FILES)}: {tail[0]}")
+            for f in FILES:
+                shutil.move(str(src / f), Path(out_dir) / f)
+            return list(FILES)
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the child (if still running) and remove its scratch directory."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+        self._tmp.cleanup()
 
 
 def qnn_ops(saver_c: Path) -> dict[str, str]:

@@ -1,14 +1,19 @@
 """``fbqc verify`` for htp artifacts: the HTP simulator against the cpu reference the artifact carries.
 
-1. *Per layer, teacher-forced* (the agreement goal): every quantized layer compiled for the HTP side
-   by side (:func:`~.verify_build.layer_model`) and fed the reference's own input codes; its output
-   codes against the reference's: exact, within 1 LSB, max |Δ| in LSB. A8 layers must have ≥ 99.9 %
-   within 1 LSB; A16 layers are judged by relative error (the HTP is not bit-exact at A16, DESIGN.md §4).
-2. *Per layer, free-running*: the context's graph with each layer's output exposed, on the example
-   inputs — the same measures, now including the drift of the HTP's fp16 float ops (reported).
-3. *End to end*: the context binary's model output against the cpu reference (and the fake-quant and
-   float models' outputs stored in ``io.pt``): relative error, max |Δ|, within 1 LSB where the output
-   has a quantizer.
+1. *Per layer, teacher-forced* (the agreement goal, always every layer): every quantized layer compiled
+   for the HTP side by side (:func:`~.verify_build.layer_model`; ``--jobs N``: N chunks in parallel) and
+   fed the reference's own input codes; its output codes against the reference's: exact, within 1 LSB,
+   max |Δ| in LSB. A8 layers must have ≥ 99.9 % within 1 LSB; A16 layers are judged by relative error
+   (the HTP is not bit-exact at A16, DESIGN.md §4).
+2. *Sampled blocks* (``--blocks``/``--sample``; the default for models too big for 3): each chosen
+   transformer block compiled as a graph of its own (:mod:`.blocks`) and fed the reference's block
+   inputs: its output's relative error and max |Δ|, its layers' codes free-running inside the block.
+3. *Whole model* (``--full``; the default when its estimate is small): per layer, free-running (the
+   graph with each layer's output exposed, on the example inputs: the drift of the HTP's fp16 float
+   ops), and end to end (the context binary's output against the cpu reference, the fake-quant and the
+   float models' outputs stored in ``io.pt``).
+
+The verdict (AGREE/DISAGREE) is the teacher-forced goal; blocks and the whole model are reported beside it.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -24,8 +29,8 @@ import torch
 
 from fbqc.agreement import end_to_end, output_lsb
 
-from . import qnn
-from .qnn_compile import QDQ_FILE, off_htp
+from .qnn_compile import CTX_FILE, QDQ_FILE
+from .simjobs import SimJob, SimResult, run_jobs
 from .verify_build import layer_model, with_layer_outputs
 
 A8_WITHIN_1LSB_GOAL = 0.999
@@ -83,96 +88,184 @@ def _codes2d(t: torch.Tensor, kind: str) -> np.ndarray:
     return a if kind == "conv1x1" else a.reshape(-1, a.shape[-1])
 
 
-def teacher_forced(art, ref, codes, kinds, tmp: Path) -> tuple[list[CodeAgreement], dict[str, Any]]:
-    qdq = ir.load(art.directory / QDQ_FILE)
-    layers = ref.layers()
-    shapes = {name: _codes2d(codes[name]["xq"], kinds[name]).shape for name in layers}
-    model = layer_model(qdq, shapes)
-    path = tmp / "layers.onnx"
-    ir.save(model, path)
-    t = time.perf_counter()
-    sess = qnn.session(path, art.target, record_placement=True)
-    compile_s = time.perf_counter() - t
-    feeds = {}
+# --- 1. teacher-forced ------------------------------------------------------------------------------
+
+def _chunks(layers: list[str], weight: dict[str, int], n: int) -> list[list[str]]:
+    """``layers`` in ``n`` contiguous chunks of about equal ``weight``."""
+    n = max(1, min(n, len(layers)))
+    total, out, acc = sum(weight.values()) or 1, [[]], 0
     for name in layers:
-        dtype = np.uint8 if codes[name]["xq"].dtype == torch.uint8 else np.uint16     # A16: int32 → uint16
-        feeds[f"{name}:x"] = _codes2d(codes[name]["xq"], kinds[name]).astype(dtype)
-    want = [o.name for o in sess.get_outputs()]
-    t = time.perf_counter()
-    outs = dict(zip(want, sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})))
-    run_s = time.perf_counter() - t
+        if out[-1] and acc >= total * len(out) / n and len(out) < n:
+            out.append([])
+        out[-1].append(name)
+        acc += weight[name]
+    return out
+
+
+def _input_codes(t: torch.Tensor, kind: str) -> np.ndarray:
+    """A layer's input codes as the layer model takes them: uint8, or uint16 for A16 (int32 codes)."""
+    a = t.numpy() if t.dtype == torch.uint8 else t.to(torch.int32).numpy().astype(np.uint16)
+    return a if kind == "conv1x1" else a.reshape(-1, a.shape[-1])
+
+
+def teacher_forced_jobs(art, ref, codes, kinds, tmp: Path, chunks: int = 1) -> list[SimJob]:
+    """The layer model in ``chunks`` parts of about equal size (each compiled and run on its own)."""
+    qdq = ir.load(art.directory / QDQ_FILE)
+    layers = list(ref.layers())
+    size = {name: codes[name]["xq"].numel() for name in layers}
+    parts = _chunks(layers, size, chunks)
+    jobs = []
+    for i, part in enumerate(parts):
+        feeds = {f"{name}:x": _input_codes(codes[name]["xq"], kinds[name]) for name in part}
+        model = layer_model(qdq, {name: feeds[f"{name}:x"].shape for name in part})
+        path = tmp / f"layers{i}.onnx"
+        ir.save(model, path)
+        jobs.append(SimJob(f"teacher-forced {i + 1}/{len(parts)}" if len(parts) > 1 else "teacher-forced",
+                           str(path), art.target.name, feeds, placement=True, info={"part": "layers"}))
+    return jobs
+
+
+def teacher_forced_rows(ref, codes, kinds, results: list[SimResult]) -> tuple[list[CodeAgreement], dict]:
+    outs = {k: v for r in results for k, v in r.outputs.items()}
     rows = []
-    for name, node in layers.items():
+    for name, node in ref.layers().items():
         a = _layer_args(ref, node)
         rows.append(compare_codes(name, _bits(a["y_qmax"]), outs[f"{name}:y"],
                                   _codes2d(codes[name]["yq"], kinds[name]), a["y_zp"]))
-    info = {"compile_seconds": compile_s, "run_seconds": run_s,
-            "cpu_nodes": len(off_htp(qnn.placement(sess)))}
+    info = {"compile_seconds": sum(r.compile_seconds for r in results),
+            "run_seconds": sum(r.run_seconds for r in results),
+            "cpu_nodes": sum(r.cpu_nodes or 0 for r in results)}
     return rows, info
 
 
-def free_running(art, ref, codes, kinds, inputs, tmp: Path) -> tuple[list[CodeAgreement], list[torch.Tensor]]:
-    qdq = ir.load(art.directory / QDQ_FILE)
-    layers = ref.layers()
-    n_model_outputs = len(qdq.graph.outputs)
-    model, names = with_layer_outputs(qdq, list(layers))
-    path = tmp / "free_running.onnx"
-    ir.save(model, path)
-    sess = qnn.session(path, art.target)
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, art.feeds(inputs))))
+# --- free-running codes (inside a block, or the whole model) ----------------------------------------
+
+def free_rows(ref, layers: list[str], outs: dict[str, np.ndarray], names: dict[str, str], codes
+              ) -> list[CodeAgreement]:
+    """Each layer's dequantized output read back as codes, against the reference's codes."""
+    nodes = ref.layers()
     rows = []
-    for name, node in layers.items():
-        a = _layer_args(ref, node)
+    for name in layers:
+        a = _layer_args(ref, nodes[name])
         y = outs[names[name]].astype(np.float64)
         got = np.clip(np.rint(y / np.float32(a["y_scale"])) + a["y_zp"], 0, a["y_qmax"])
         want = codes[name]["yq"].to(torch.int64).numpy()
         rows.append(compare_codes(name, _bits(a["y_qmax"]), got.reshape(want.shape), want, a["y_zp"]))
-    model_outs = [torch.from_numpy(np.asarray(outs[o.name], np.float32))
-                  for o in sess.get_outputs()[:n_model_outputs]]
-    return rows, model_outs
+    return rows
 
 
-def verify(art, io: dict[str, Any]) -> dict[str, Any]:
+def free_running_job(art, ref, inputs, tmp: Path) -> tuple[SimJob, dict[str, str]]:
+    model, names = with_layer_outputs(ir.load(art.directory / QDQ_FILE), list(ref.layers()))
+    path = tmp / "free_running.onnx"
+    ir.save(model, path)
+    return SimJob("free-running (whole model)", str(path), art.target.name, art.feeds(inputs),
+                  info={"part": "free_running"}), names
+
+
+def end_to_end_job(art, inputs) -> SimJob:
+    return SimJob("end to end (context binary)", str(art.directory / CTX_FILE), art.target.name,
+                  art.feeds(inputs), info={"part": "end_to_end"})
+
+
+# --- 2. blocks --------------------------------------------------------------------------------------
+
+def block_job(graph, soc: str) -> SimJob:
+    return SimJob(f"block {graph.block.name}", str(graph.model), soc, graph.feeds,
+                  info={"part": "block", "block": graph.block.name})
+
+
+def block_row(ref, graph, res: SimResult, want: list[torch.Tensor], codes) -> dict[str, Any]:
+    outs = list(res.outputs.values())
+    got = [torch.from_numpy(np.asarray(o, np.float32)) for o in outs[:graph.outputs]]
+    rows = free_rows(ref, graph.block.layers, res.outputs, graph.layer_outputs, codes)
+    b = graph.block
+    return {"block": b.name, "index": b.index, "gmac": graph.gmac,
+            "inputs": list(graph.feeds), "outputs": [o.name for o in b.outputs],
+            "vs_cpu": [r.as_dict() for r in end_to_end(got, want)],
+            "summary": summarize(rows), "per_layer": [r.as_dict() for r in rows],
+            "seconds": {"lower": graph.lower_seconds, "compile": res.compile_seconds, "run": res.run_seconds}}
+
+
+# --- the whole check --------------------------------------------------------------------------------
+
+def verify(art, io: dict[str, Any], *, blocks: str | None = None, sample: int | None = None,
+           full: bool | None = None, jobs: int = 1, log: Callable[[str], None] | None = None
+           ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from . import blocks as B
+    from .verify_plan import plan_verify
+
+    t_start = time.perf_counter()
     ref = art.reference()
     inputs = io["inputs"]
     kinds = {r["layer"]: r["kind"] for r in art.manifest["layers"]}
-    # a full-size model takes many minutes per stage on the simulator: show where it is (a terminal only)
-    bar = tqdm(total=4, desc="verify", unit="stage", disable=None, dynamic_ncols=True)
+    plan = plan_verify(ref, B.find_blocks(ref.program), blocks, sample, full, jobs)
+    if log is not None:
+        log(plan.text())
+    seconds: dict[str, Any] = {}
+    # a full-size model takes many minutes per part on the simulator: show where it is (a terminal only)
+    bar = tqdm(total=1 + len(plan.blocks) + plan.sim_parts, desc="verify", unit="part", disable=None,
+               dynamic_ncols=True)
     try:
         bar.set_postfix_str("cpu reference")
         t = time.perf_counter()
-        ref_out = ref.run(inputs)
-        codes = ref.layer_codes(inputs)
-        ref_s = time.perf_counter() - t
+        cap = B.capture(ref.program, inputs, plan.blocks)
+        seconds["cpu_reference"] = time.perf_counter() - t
         bar.update()
-        bar.set_postfix_str("context binary on the HTP simulator")
-        t = time.perf_counter()
-        out = art.run(inputs)
-        run_s = time.perf_counter() - t
-        bar.update()
-        lsb = output_lsb(ref.program)
         with tempfile.TemporaryDirectory(prefix="fbqc_htp_verify_") as tmp:
-            bar.set_postfix_str(f"{len(codes)} layers teacher-forced (compile + run)")
-            tf_rows, tf_info = teacher_forced(art, ref, codes, kinds, Path(tmp))
-            bar.update()
-            bar.set_postfix_str("free-running (compile + run)")
-            fr_rows, _ = free_running(art, ref, codes, kinds, inputs, Path(tmp))
-            bar.update()
+            tmp = Path(tmp)
+            sim = teacher_forced_jobs(art, ref, cap.codes, kinds, tmp, plan.layer_chunks)
+            graphs = []
+            for b in plan.blocks:
+                bar.set_postfix_str(f"lowering block {b.name}")
+                graphs.append(B.build(ref.program, b, cap.inputs[b.name], tmp / f"block{b.index}"))
+                sim.append(block_job(graphs[-1], art.target.name))
+                bar.update()
+            names = {}
+            if plan.full:
+                fr_job, names = free_running_job(art, ref, inputs, tmp)
+                sim += [end_to_end_job(art, inputs), fr_job]
+            bar.set_postfix_str(f"{len(sim)} simulator part(s), {plan.jobs} at a time")
+            t = time.perf_counter()
+            results = run_jobs(sim, plan.jobs, on_done=lambda r: (bar.update(), bar.set_postfix_str(
+                f"done: {r.key}")))
+            seconds["simulator_wall"] = time.perf_counter() - t
     finally:
         bar.close()
-    e2e = [r.as_dict() for r in end_to_end(out, ref_out, lsb)]
-    for r, step in zip(e2e, lsb):
-        r["max_lsb"] = r["max_abs"] / step if step else None
+    by_part: dict[str, list[SimResult]] = {}
+    for r in results:
+        by_part.setdefault(r.info["part"], []).append(r)
+    tf_rows, tf_info = teacher_forced_rows(ref, cap.codes, kinds, by_part["layers"])
+    seconds.update(tf_info)
     tf = summarize(tf_rows)
-    return {
+    result = {
         "artifact": str(art.directory), "backend": "htp", "soc": art.target.name,
         "summary": {**tf, "exact": tf["passed"]},
         "per_layer": [r.as_dict() for r in tf_rows],
-        "free_running": {"summary": summarize(fr_rows), "per_layer": [r.as_dict() for r in fr_rows]},
-        "end_to_end_vs_cpu": e2e,
-        "end_to_end_vs_fake_quant": [r.as_dict() for r in end_to_end(out, io["fake_quant_outputs"], lsb)],
-        "end_to_end_vs_float": [r.as_dict() for r in end_to_end(out, io["float_outputs"])],
-        "seconds": {"cpu_reference": ref_s, "htp_run": run_s, **tf_info},
+        "checks": plan.checks(), "estimate": plan.estimate(),
     }
+    if plan.blocks:
+        rows = [block_row(ref, g, r, cap.block_outputs[g.block.name], cap.codes)
+                for g, r in zip(graphs, by_part["block"])]
+        result["blocks"] = {"of": len(plan.all_blocks), "names": [b.name for b in plan.all_blocks],
+                            "per_block": rows}
+        seconds["blocks"] = {r["block"]: r["seconds"] for r in rows}
+    if plan.full:
+        e2e_res, fr_res = by_part["end_to_end"][0], by_part["free_running"][0]
+        out = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in e2e_res.outputs.values()]
+        fr_rows = free_rows(ref, list(ref.layers()), fr_res.outputs, names, cap.codes)
+        lsb = output_lsb(ref.program)
+        e2e = [r.as_dict() for r in end_to_end(out, cap.outputs, lsb)]
+        for r, step in zip(e2e, lsb):
+            r["max_lsb"] = r["max_abs"] / step if step else None
+        result.update({
+            "free_running": {"summary": summarize(fr_rows), "per_layer": [r.as_dict() for r in fr_rows]},
+            "end_to_end_vs_cpu": e2e,
+            "end_to_end_vs_fake_quant": [r.as_dict() for r in end_to_end(out, io["fake_quant_outputs"], lsb)],
+            "end_to_end_vs_float": [r.as_dict() for r in end_to_end(out, io["float_outputs"])]})
+        seconds["htp_run"] = e2e_res.compile_seconds + e2e_res.run_seconds
+        seconds["free_running"] = {"compile": fr_res.compile_seconds, "run": fr_res.run_seconds}
+    seconds["total"] = time.perf_counter() - t_start
+    result["seconds"] = seconds
+    return result

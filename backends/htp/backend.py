@@ -4,7 +4,8 @@ Artifact (besides ``manifest.json`` and ``io.pt``):
 
 =====================  ===========================================================================
 ``model_ctx.onnx``     EPContext model: loads the context binary (what a device app ships)
-``model_ctx_qnn.bin``  QNN HTP context binary for ``--soc`` (default SM8750, Hexagon v79)
+``model_ctx_qnn.bin``  QNN HTP context binary for ``--soc`` (default SM8750, Hexagon v79); a model split
+                       into N contexts (``--contexts``, :mod:`.partition`) has ``model_ctx_p<i>_qnn.bin``
 ``model.qdq.onnx``     the QDQ ONNX it was compiled from (int4/int8 per-channel weights, uint8/16 acts)
 ``saver_output.c``     the graph as QNN C API calls (``libQnnSaver.so``), with ``params.bin``
 ``placement.json``     every node's execution provider (all on the HTP) and its QNN op

@@ -1,6 +1,6 @@
 """A large model as several QNN HTP contexts, prepared in parallel: one EPContext model that chains them.
 
-QNN's HTP graph preparation is single-threaded and its memory grows with the graph (Sana-600M: ~170 s,
+QNN's HTP graph preparation is single-threaded and its memory grows with the graph (Sana-600M: ~150 s,
 ~3 GiB for one context). Cutting the QDQ graph into contiguous parts of about equal weight bytes and
 preparing each in its own child process uses the machine's cores and bounds the memory of each
 preparation; onnxruntime runs a model of several ``EPContext`` nodes as one session (each node loads its

@@ -51,6 +51,11 @@ def test_soc_errors(tmp_path):
     assert r.exit_code == 2 and "unknown --soc 'SM1234'" in r.output and "SM8750" in r.output
     r = run("compile", model, "--soc", "SM8650", "-o", tmp_path / "b", "--quiet")
     assert r.exit_code == 2 and "--soc is an option of the htp backend" in r.output
+    r = run("compile", model, "--contexts", "2", "-o", tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and "--contexts is an option of the htp backend" in r.output
+    r = run("compile", model, "--target", "htp", "--contexts", "0", "-o", tmp_path / "d", "--quiet")
+    assert r.exit_code == 2 and "--contexts" in r.output
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_profile_of_a_cpu_artifact_is_a_clear_error(tmp_path):

@@ -13,7 +13,9 @@ import sys as _sys
 _CLI = _os.path.basename(_sys.argv[0]) == "fbqc" or _sys.argv[0].endswith(_os.path.join("fbqc", "cli.py"))
 if _CLI:                                # the fbqc command: its Ctrl-C / SIGTERM handling from the start
     from .signals import install as _install_signals
+    from .signals import interrupted_hook as _interrupted_hook
     _install_signals()
+    _sys.excepthook = _interrupted_hook(_sys.excepthook)   # an interrupt that escapes every handler
 
 try:                                    # importing torch takes seconds: a Ctrl-C then is no traceback
     from . import fake_quant as _fake_quant  # noqa: F401  registers torch.ops.fbqc.fake_quant_*

@@ -6,6 +6,7 @@ SIGTERM). :class:`StopAtStepEnd` lets a training loop finish its step and save a
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -40,6 +41,22 @@ def install() -> None:
 
 def exit_code() -> int:
     return 128 + (received or signal.SIGINT)
+
+
+def interrupted_hook(default):
+    """A ``sys.excepthook`` for the fbqc command: a Ctrl-C / SIGTERM that escaped every handler (one
+    that lands while ``fbqc.cli`` imports click or the backends, before its own handler exists) is
+    one line and exit status 130 / 143, not a traceback; any other exception goes to ``default``.
+    The stack has already unwound (``with`` blocks ran), so the process ends at once."""
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, (KeyboardInterrupt, Stop)):
+            return default(kind, value, tb)
+        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(exit_code())
+
+    return hook
 
 
 class StopAtStepEnd:

@@ -395,7 +395,7 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
     script = Path(sys.executable).parent / "fbqc"
     if not script.is_file():
         pytest.skip("no fbqc console script beside this python")
-    for delay in (0.3, 1.0):
+    for delay in (0.3, 0.6, 1.0, 1.5, 2.0):       # torch, then click and the CLI modules being imported
         proc = subprocess.Popen([str(script), "compile", SANA, "-o", str(tmp_path / "o")],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)

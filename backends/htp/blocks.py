@@ -30,9 +30,10 @@ from fbqc.errors import UserError
 from fbqc.program import Program
 from fbqc.spec import QUANT
 from fbqc.stage import Stage
+from fbqc.verifier import QUANT_TARGETS_AT
 
 BLOCK = re.compile(r"(^|\.)\w*blocks\.(\d+)$")
-_LAYER_OPS = (torch.ops.fbqc.qlinear.default, torch.ops.fbqc.qconv2d_1x1.default)
+_LAYER_OPS = QUANT_TARGETS_AT[Stage.INTEGER]          # the integer layer ops
 _Q, _DQ = torch.ops.fbqc.quantize.default, torch.ops.fbqc.dequantize.default
 
 

@@ -13,9 +13,11 @@ import torch
 import torch.fx as fx
 
 from fbqc.spec import QUANT
+from fbqc.stage import Stage
+from fbqc.verifier import QUANT_TARGETS_AT
 
 aten = torch.ops.aten
-_LAYER_OPS = (torch.ops.fbqc.qlinear.default, torch.ops.fbqc.qconv2d_1x1.default)
+_LAYER_OPS = QUANT_TARGETS_AT[Stage.INTEGER]          # the integer layer ops
 
 #: Sana-600M at 1024 tokens, teacher-forced check of its 280 W4A8 layers (536 GMAC, 415.7 M output
 #: codes): 28 s QNN compile + 316 s on the simulator

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 
-QDQ = ("QuantizeLinear", "DequantizeLinear")
+from .partition import QDQ
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

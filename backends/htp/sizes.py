@@ -13,7 +13,8 @@ from typing import Any
 
 import onnx
 
-QDQ = ("QuantizeLinear", "DequantizeLinear")
+from .partition import QDQ
+
 #: bytes QNN stores per element, by ONNX data type (floats are stored in fp16)
 STORED = {onnx.TensorProto.INT4: 0.5, onnx.TensorProto.UINT4: 0.5, onnx.TensorProto.INT8: 1,
           onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2,

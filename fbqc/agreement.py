@@ -126,10 +126,19 @@ def end_to_end(outputs: list[torch.Tensor], reference: list[torch.Tensor],
     return rows
 
 
-def nonfinite_rows(result: dict[str, Any]) -> list[str]:
-    """``key[output]`` of every end-to-end comparison in a verify result that saw a NaN/Inf."""
-    return [f"{key}[{r['output']}]" for key, rows in result.items() if key.startswith("end_to_end")
-            and isinstance(rows, list) for r in rows if isinstance(r, dict) and r.get("finite") is False]
+def nonfinite_rows(result: Any, path: str = "") -> list[str]:
+    """``path[output]`` of every output comparison (an :func:`end_to_end` row) anywhere in a verify
+    result that saw a NaN/Inf: the model's, the emitted C's, a sampled block's (``blocks.per_block.0.vs_cpu``)."""
+    if isinstance(result, dict):
+        if result.get("finite") is False and "output" in result:
+            return [f"{path}[{result['output']}]"]
+        return [r for k, v in result.items() for r in nonfinite_rows(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(result, list):
+        rows = [r for r in result if isinstance(r, dict) and "finite" in r and "output" in r]
+        if rows:                                  # a list of comparison rows: name them by output
+            return [r for row in rows for r in nonfinite_rows(row, path)]
+        return [r for i, v in enumerate(result) for r in nonfinite_rows(v, f"{path}.{i}")]
+    return []
 
 
 def output_lsb(program) -> list[float | None]:

@@ -202,6 +202,25 @@ def test_verify_never_agrees_with_nonfinite_numbers(tmp_path, compiled, monkeypa
     assert torch.isinf(torch.tensor(json.loads(js.output)["end_to_end_vs_float"][0]["max_abs"]))
 
 
+def test_a_nonfinite_sampled_block_output_is_no_agreement():
+    """A NaN in any output comparison — a sampled htp block's, the emitted C's — fails the verdict too,
+    not only the model's own end-to-end rows."""
+    from fbqc.verification import _no_agreement_with_nonfinite
+
+    def result(block_finite):
+        return {"summary": {"exact": True, "passed": True}, "per_layer": [{"layer": "a", "exact": 1.0}],
+                "end_to_end_vs_cpu": [{"output": 0, "finite": True}],
+                "blocks": {"per_block": [{"block": "transformer_blocks.0",
+                                          "vs_cpu": [{"output": 0, "finite": True},
+                                                     {"output": 1, "finite": block_finite}]}]}}
+
+    ok = _no_agreement_with_nonfinite(result(True))
+    assert ok["summary"]["passed"] and "nonfinite" not in ok
+    bad = _no_agreement_with_nonfinite(result(False))
+    assert bad["nonfinite"] == ["blocks.per_block.0.vs_cpu[1]"]
+    assert bad["summary"]["passed"] is False and bad["summary"]["exact"] is False
+
+
 # ---- one writer; stale temporary directories -----------------------------------------------------
 
 def test_a_second_writer_gets_a_clear_error(tmp_path):

@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fbqc.pipeline import CompileOptions, compile_model
-    from fbqc.verification import verify_artifact
+    from fbqc.artifact_verify import verify_artifact
 
     print("| model (tiny) | bits | layers | outputs checked | int32 acc identical | codes = contract "
           "| codes = fake-quant | .5 ties | other | e2e rel. err vs fake-quant | e2e rel. err vs float |")

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fbqc.pipeline import CompileOptions, compile_model
-    from fbqc.verification import verify_artifact
+    from fbqc.artifact_verify import verify_artifact
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

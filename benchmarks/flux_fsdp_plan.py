@@ -1,9 +1,9 @@
 """Dry-run memory plan of FSDP2 QAT of FLUX.1-schnell (12 B parameters) on W GPUs — no weights, no GPU.
 
 The published config is built on the meta device (``examples/flux_schnell.py``, preset ``full``); the student
-is quantized in place as ``fbqc train --strategy fsdp`` does (:mod:`fbqc.qat.modules`, 4-bit weights, dynamic
+is quantized in place as ``fbqc train --strategy fsdp`` does (:mod:`fbqc.qat.students.modules`, 4-bit weights, dynamic
 activations, only the ``*blocks.N.`` parameters trainable), and student and frozen float teacher are sharded by
-:func:`fbqc.qat.dist.wrap` (FSDP2 ``fully_shard`` per block, then the root) under a *fake* process group of W
+:func:`fbqc.qat.parallel.dist.wrap` (FSDP2 ``fully_shard`` per block, then the root) under a *fake* process group of W
 ranks in this one process. Per-GPU bytes are the local shards of rank 0 (the largest: FSDP2 pads every rank's
 storage to it). Activations: with ``--checkpoint-blocks`` each block keeps only its input; the one block being
 recomputed in backward holds its saved tensors, measured by running the largest of them on meta under
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from fbqc.blocks import in_block
 from fbqc.frontend import load_model_file
 from fbqc.passes import AnnotateLinears
-from fbqc.qat.dist import World, wrap
-from fbqc.qat.modules import annotate_modules, block_modules, quantize_modules
-from fbqc.qat.student import BLOCKS
+from fbqc.qat.parallel.dist import World, wrap
+from fbqc.qat.students.modules import annotate_modules, block_modules, quantize_modules
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "examples" / "flux_schnell.py"
 GIB = 2 ** 30
@@ -53,13 +53,13 @@ def build(preset: str = "full"):
     specs = annotate_modules(model, AnnotateLinears(bits=4))
     quantize_modules(model, specs, "dynamic")
     for name, p in model.named_parameters():                  # default: only the blocks train
-        p.requires_grad_(BLOCKS.search(name) is not None)
+        p.requires_grad_(in_block(name))
     tokens = example["hidden_states"].shape[1], example["encoder_hidden_states"].shape[1]
     return model, teacher, len(specs), *tokens
 
 
 def shard(student, teacher, world: int, rank: int = 0) -> dict[str, int]:
-    """Elements this rank stores after ``fbqc.qat.dist.wrap(..., "fsdp")`` of copies of both models."""
+    """Elements this rank stores after ``fbqc.qat.parallel.dist.wrap(..., "fsdp")`` of copies of both models."""
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:

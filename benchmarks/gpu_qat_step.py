@@ -3,14 +3,14 @@
     python benchmarks/gpu_qat_step.py                       # Sana-600M, batch 4, 1024 tokens, W4.5A8
     python benchmarks/gpu_qat_step.py --preset tiny --device cpu --steps 2 --warmup 1   # smoke test
 
-One KD training step of the module student (``fbqc.qat.modules``): frozen float teacher forward +
+One KD training step of the module student (``fbqc.qat.students.modules``): frozen float teacher forward +
 student forward/backward + fused AdamW, bf16 autocast, ``torch.compile``
 of each transformer block (``--scope blocks``, the default: regional, as ``fbqc train --compile``
 does; ``--scope model``: one graph, but compiling Sana-600M's fake-quant graph takes over 7 minutes),
 the same for every variant. Variants:
 
     baseline   the float model (no fake quant)              ← the reference
-    fused      fbqc's fused fake quant (fbqc.qat.fused)      ← ours: W<bits> per channel + A8 dynamic
+    fused      fbqc's fused fake quant (fbqc.ops.fused)      ← ours: W<bits> per channel + A8 dynamic
     op         the same quantizers as opaque custom ops      (the straightforward implementation)
     fused-fastdiv  fused, compiled without IEEE division (Triton's approximate x / y: not bit-exact)
     *-cg       the same with CUDA graphs (``triton.cudagraphs``: kernels replayed without CPU launch cost)
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 import fbqc.qat  # noqa: F401  registers the ops
 from fbqc.frontend import load_model_file
 from fbqc.passes import AnnotateLinears
-from fbqc.qat.fused import compile_options, fq_act_dynamic, fq_weight
-from fbqc.qat.modules import annotate_modules, block_modules, module_bits, quantize_modules
-from fbqc.qat.student import set_bits
+from fbqc.ops.fused import compile_options, fq_act_dynamic, fq_weight
+from fbqc.qat.students.modules import annotate_modules, block_modules, module_bits, quantize_modules
+from fbqc.qat.students.program import set_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,13 +20,13 @@ ARCHS = ["sana", "pixart_sigma", "sd35_medium", "flux_schnell"]
 
 def row(arch: str, work: Path, args) -> list[str]:
     from fbqc.pipeline import CompileOptions, compile_model
-    from fbqc.verification import verify_artifact
+    from fbqc.artifact_verify import verify_artifact
 
     out = work / arch
     kw = {"include": (r"blocks\.\d+\.", *args.a16), "a16": tuple(args.a16)} if args.a16 else {}
     t = time.perf_counter()
     result = compile_model(ROOT / "examples" / f"{arch}.py", out,
-                           CompileOptions(target="htp", bits=args.bits, soc=args.soc,
+                           CompileOptions(target="htp", bits=args.bits, target_options={"soc": args.soc},
                                           calib_samples=args.calib_samples, **kw),
                            progress=False, log=lambda s: None)
     compile_s = time.perf_counter() - t

@@ -61,7 +61,7 @@ def run_fbqc(model_file: Path, work: Path, args) -> dict:
 
     out = work / "fbqc"
     t = time.perf_counter()
-    result = compile_model(model_file, out, CompileOptions(target="htp", bits=args.bits, soc=args.soc,
+    result = compile_model(model_file, out, CompileOptions(target="htp", bits=args.bits, target_options={"soc": args.soc},
                                                            calib_samples=args.calib_samples),
                            progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t
@@ -185,8 +185,8 @@ def run_phases(model_file: Path, work: Path, args) -> dict:
     watch.start()
     t = time.perf_counter()
     result = compile_model(model_file, work / "fbqc", CompileOptions(
-        target="htp", bits=args.bits, soc=args.soc, calib_samples=args.calib_samples, preset=args.preset,
-        contexts=args.contexts), progress=False, log=lambda s: None)
+        target="htp", bits=args.bits, calib_samples=args.calib_samples, preset=args.preset,
+        target_options={"soc": args.soc, "contexts": args.contexts}), progress=False, log=lambda s: None)
     wall = time.perf_counter() - t
     peak = watch.stop()
     tm, b = result["timings"], result["manifest"]["backend"]

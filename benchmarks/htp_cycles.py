@@ -69,7 +69,7 @@ FORMS = {"W4A8": {}, "W4A16": {"a16": (r"blocks\.\d+\.",)}, "W4A16-int4": {"a16"
 def measure(model_file: Path, blocks: int, form: str, work: Path, args) -> dict:
     from fbqc.backends.htp import prepare as htp_prepare
     from fbqc.pipeline import CompileOptions, compile_model
-    from fbqc.verification import profile_artifact
+    from fbqc.artifact_verify import profile_artifact
 
     out = work / f"{form}_{blocks}"
     spread = htp_prepare.a16_spread
@@ -77,7 +77,7 @@ def measure(model_file: Path, blocks: int, form: str, work: Path, args) -> dict:
         htp_prepare.a16_spread = lambda lo, hi: 1
     try:
         t = time.perf_counter()
-        compile_model(model_file, out, CompileOptions(target="htp", bits=4, soc=args.soc, preset=str(blocks),
+        compile_model(model_file, out, CompileOptions(target="htp", bits=4, target_options={"soc": args.soc}, preset=str(blocks),
                                                       calib_samples=args.calib_samples, **FORMS[form]),
                       progress=False, log=lambda s: None)
         compile_s = time.perf_counter() - t
@@ -122,7 +122,7 @@ def block_artifacts(args) -> dict[str, Path]:
         d = work / f"{Path(args.model).stem}_{args.preset}_{form}"
         if not (d / "manifest.json").is_file():
             t = time.perf_counter()
-            compile_model(Path(args.model), d, CompileOptions(target="htp", bits=4, soc=args.soc, preset=args.preset,
+            compile_model(Path(args.model), d, CompileOptions(target="htp", bits=4, target_options={"soc": args.soc}, preset=args.preset,
                                                               calib_samples=args.calib_samples, **extra),
                           progress=False, log=lambda s: None)
             print(f"compiled {form}: {d} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
@@ -133,7 +133,7 @@ def block_artifacts(args) -> dict[str, Path]:
 def block_mode(args) -> int:
     import statistics
 
-    from fbqc.verification import profile_artifact
+    from fbqc.artifact_verify import profile_artifact
 
     rows = {}
     for form, d in block_artifacts(args).items():

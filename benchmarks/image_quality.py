@@ -42,7 +42,7 @@ def run_arch(arch: str, tmp: Path, args) -> list[dict]:
     from fbqc.capture import capture
     from fbqc.eval_run import evaluate
     from fbqc.pipeline import CompileOptions, compile_model
-    from fbqc.qat.run import compile_run, train_model_file
+    from fbqc.qat.model_file import compile_run, train_model_file
 
     quiet = lambda s: None  # noqa: E731
     model_file = ROOT / "examples" / f"{arch}.py"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import fbqc
 import fbqc.qat
 from fbqc.passes import AnnotateLinears, Calibrate, InsertFakeQuant
-from fbqc.qat.student import on_device
+from fbqc.qat.students.program import on_device
 
 TOKENS, CAPTION = 4, 16           # "caption": 4 tokens × 16 channels per class (fixed random table)
 METHODS = ("ptq", "direct", "integer", "fractional")

@@ -18,15 +18,14 @@ if _CLI:                                # the fbqc command: its Ctrl-C / SIGTERM
     _sys.excepthook = _interrupted_hook(_sys.excepthook)   # an interrupt that escapes every handler
 
 try:                                    # importing torch takes seconds: a Ctrl-C then is no traceback
-    from . import fake_quant as _fake_quant  # noqa: F401  registers torch.ops.fbqc.fake_quant_*
-    from . import int_ops as _int_ops  # noqa: F401  registers torch.ops.fbqc integer ops
+    from . import ops as _ops  # noqa: F401  registers every torch.ops.fbqc.* op
     from .errors import UserError
     from .frontend import export, export_model_file, load_model_file
     from .pass_infra import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
     from .program import Program
     from .spec import ActSpec, QuantSpec, WeightSpec
     from .stage import Stage
-    from .verifier import VerificationError, verify
+    from .stage_contract import VerificationError, verify
 except KeyboardInterrupt:
     if not _CLI:
         raise                           # a library import: the caller's Ctrl-C to handle

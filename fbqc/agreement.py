@@ -12,7 +12,6 @@ Per layer, each integer layer is fed the reference's own input codes and checked
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fake_quant import act_codes
-from .int_ops import int_matmul
+from .ops.fake_quant import act_codes
+from .ops.integer import int_matmul
+from .quant_math import act_qmax
 
 #: unit roundoff of float32: the float path's error is at most (K + 2)·u·(Σ|x·w| + |b|)
 U32 = 2.0 ** -24
@@ -47,7 +47,7 @@ class LayerAgreement:
 
 
 def _layer_args(args: list[Any]) -> dict[str, Any]:
-    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_qmax"]
+    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_bits"]
     return dict(zip(names, args))
 
 
@@ -71,7 +71,8 @@ def check_layer(layer: str, kind: str, args: list[Any], xq: torch.Tensor, yq: to
     s_prod = np.float32(a["x_scale"]) * a["w_scale"].numpy().astype(np.float32)
     bias = np.zeros_like(s_prod) if a["bias"] is None else a["bias"].detach().numpy().astype(np.float32)
     y32 = acc_exact.astype(np.float32) * s_prod + bias
-    q32 = np.clip(np.rint(y32 / np.float32(a["y_scale"])) + a["y_zp"], 0, a["y_qmax"]).astype(np.int64)
+    q32 = np.clip(np.rint(y32 / np.float32(a["y_scale"])) + a["y_zp"], 0, act_qmax(a["y_bits"]))
+    q32 = q32.astype(np.int64)
     contract_mismatch = int(np.count_nonzero(q32 != y_last))
 
     # the fake-quant model's float path for the same layer
@@ -83,7 +84,7 @@ def check_layer(layer: str, kind: str, args: list[Any], xq: torch.Tensor, yq: to
         y_f = F.conv2d(x_deq.movedim(-1, 1), w4, a["bias"]).movedim(1, -1)
     else:
         y_f = F.linear(x_deq, w_deq, a["bias"])
-    bits = torch.tensor(math.log2(a["y_qmax"] + 1), dtype=torch.float32)
+    bits = torch.tensor(float(a["y_bits"]), dtype=torch.float32)
     q_fq = act_codes(y_f, torch.tensor(a["y_scale"], dtype=torch.float32),
                      torch.tensor(float(a["y_zp"])), bits).to(torch.int64).numpy()
     diff = np.abs(q_fq - y_last)

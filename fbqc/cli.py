@@ -49,7 +49,7 @@ class _Group(click.Group):
 def _user_error(e: Exception) -> Exception:
     """Errors a user can act on keep their message; a few well-known ones are rephrased."""
     from .pass_infra import PassError
-    from .verifier import VerificationError
+    from .stage_contract import VerificationError
 
     if isinstance(e, (UserError, PassError, VerificationError, ValueError, OSError)):
         return UserError(str(e))
@@ -58,7 +58,7 @@ def _user_error(e: Exception) -> Exception:
     return e
 
 
-from .cli_options import _bits, _emit, _pairs, _progress  # noqa: E402 - shared by the commands
+from .cli_options import _bits, _emit, _pairs, _progress, backend_flags  # noqa: E402 - shared by the commands
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,30 +100,24 @@ def main(debug: bool) -> None:
               "memory a full compile needs (works for models built on the meta device); writes nothing.")
 @click.option("--verify-each", is_flag=True, help="Run the stage verifier after every pass.")
 @click.option("--print-after-change", is_flag=True, help="Print the graph after every pass that changed it.")
-@click.option("--emit-c", is_flag=True, help="cpu: also write standalone C99 reference code (c/*.c, "
-              "weights.bin, inputs.bin, README.md) that builds with any C compiler; fbqc verify runs it.")
-@click.option("--c-flags", default=None, help="C compiler flags recorded for --emit-c (README, fbqc verify) "
-              "[default: -O2 -std=c99 -ffp-contract=off].")
-@click.option("--soc", default=None, help="htp: target Snapdragon SoC, SM8750 (8 Elite, v79; default), "
-              "SM8650 (v75) or SM8550 (v73).")
-@click.option("--contexts", type=click.IntRange(1, 64), default=None,
-              help="htp: split the model into N QNN contexts prepared in parallel (one EPContext model "
-                   "chaining them) [default: one per 256 MB of weights].")
+@backend_flags("compile")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_samples, observer, scheme,
             include, exclude, layer_bits, a16, force, dry_run, verify_each, print_after_change, quiet,
-            as_json, emit_c=False, c_flags=None, soc=None, calib_data=None, contexts=None):
+            as_json, calib_data=None, **backend_kw):
     """Compile MODEL_FILE (model()/example_inputs()) to a quantized artifact for --target.
 
     MODEL_FILE may also be a training run directory (`fbqc train -o RUN`): the model file, bits and
     layer flags come from the run, -o defaults to out/<run name>."""
     from .pipeline import CompileOptions, compile_model
-    from .report import compile_summary
+    from .plugins import split_flags
+    from .summaries import compile_summary
 
-    if model_file.is_dir():                      # a training run (fbqc train): fbqc.qat.run.compile_run
-        from .qat.run import RUN_FLAGS, compile_run
+    target_options = split_flags("compile", target, backend_kw, "")   # --soc for --target cpu: an error
+    if model_file.is_dir():                      # a training run (fbqc train): fbqc.qat.model_file.compile_run
+        from .qat.model_file import RUN_FLAGS, compile_run
 
         if dry_run:
             raise UserError("--dry-run takes a model file, not a training run directory")
@@ -133,9 +127,8 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
         result = compile_run(model_file, output or Path("out") / model_file.resolve().name, force=force,
                              progress=_progress(quiet or as_json), log=log, target=target,
                              calib_samples=calib_samples, observer=observer, verify_each=verify_each,
-                             print_after_change=print_after_change, emit_c=emit_c, c_flags=c_flags,
-                             soc=soc, contexts=contexts, calib_data=str(calib_data) if calib_data else None,
-                             **given)
+                             print_after_change=print_after_change, target_options=target_options,
+                             calib_data=str(calib_data) if calib_data else None, **given)
         _emit(ctx, result, compile_summary(result))
         return
 
@@ -144,17 +137,11 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
                           exclude=tuple(exclude), layer_bits=layer_bits, a16=tuple(a16),
                           preset=preset, checkpoint=str(checkpoint) if checkpoint else None,
                           verify_each=verify_each, print_after_change=print_after_change,
-                          emit_c=emit_c, c_flags=c_flags, soc=soc, contexts=contexts,
-                          calib_data=str(calib_data) if calib_data else None)
-    if (emit_c or c_flags) and target != "cpu":
-        raise UserError(f"--emit-c/--c-flags are options of the cpu backend, not of --target {target}")
-    for flag, value in (("--soc", soc), ("--contexts", contexts)):
-        if value and target != "htp":
-            raise UserError(f"{flag} is an option of the htp backend, not of --target {target}")
+                          target_options=target_options, calib_data=str(calib_data) if calib_data else None)
     quiet = quiet or as_json
     if dry_run:
         from .pipeline import plan
-        from .report import plan_summary
+        from .summaries import plan_summary
 
         result = plan(model_file, opts)
         _emit(ctx, result, plan_summary(result))
@@ -163,11 +150,6 @@ def compile(ctx, model_file, target, bits, output, preset, checkpoint, calib_sam
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     result = compile_model(model_file, out, opts, force=force, progress=_progress(quiet), log=log)
     _emit(ctx, result, compile_summary(result))
-    if emit_c:
-        from fbqc.backends.cpu.c_emit import build_command, normalize_cflags
-
-        log(f"C reference: {build_command(normalize_cflags(c_flags), str(out))} && "
-            f"{out}/run {out}/inputs.bin {out}/outputs.bin   (see {out}/README.md)")
 
 
 @main.command("export-diffusers")
@@ -182,7 +164,7 @@ def export_diffusers(ctx, run_dir, out, force, as_json):
     Quantized layers hold their fake-quantized weights (on the W-bit grid, stored fp32); activations
     stay float. OUT/fbqc_quant.json lists the layers and their specs.
     """
-    from .qat.export import export_diffusers as export
+    from .qat.rundir.export import export_diffusers as export
 
     summary = export(run_dir, out, force=force)
     _emit(ctx, summary, f"wrote {summary['out']}: {summary['model']}, {summary['layers']} layers at "
@@ -190,67 +172,45 @@ def export_diffusers(ctx, run_dir, out, force, as_json):
                         f"activations float); load it with {summary['model']}.from_pretrained")
 
 
-_BLOCKS_HELP = ("htp: transformer blocks to check as graphs of their own, fed the cpu reference's block "
-                "inputs: 'all', 'first,middle,last', indices '0,13,27' or names 'transformer_blocks.13'.")
-_SAMPLE_HELP = "htp: K evenly spaced transformer blocks, the first and the last included (instead of --blocks)."
-_JOBS_HELP = "htp: simulator runs at a time, in parallel processes [default: 1]."
-
-
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--all-layers", is_flag=True, help="List every layer, not only the worst.")
-@click.option("--blocks", "blocks", default=None, metavar="SPEC", help=_BLOCKS_HELP)
-@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="K", help=_SAMPLE_HELP)
-@click.option("--full", is_flag=True, default=False,
-              help="htp: also run the whole-model checks (end to end, free-running), however long they take "
-                   "[default: only when estimated short; otherwise blocks first,middle,last are checked].")
-@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N", help=_JOBS_HELP)
+@backend_flags("verify")
 @click.pass_context
-def verify(ctx, artifact, as_json, all_layers, blocks=None, sample=None, full=False, jobs=None):
+def verify(ctx, artifact, as_json, all_layers, **backend_kw):
     """Re-run ARTIFACT on its backend and compare with the fake-quant model, per layer and end to end.
 
     htp artifacts: every layer is checked teacher-forced on the HTP simulator; the whole model (end to
     end, free-running) too when that is estimated short, else sampled transformer blocks (each compiled
     on its own). The plan and its time estimate are printed (stderr) before the simulator starts."""
-    from .verification import summary_text
-    from .verification import verify_artifact
+    from .artifact_verify import agrees, summary_text, verify_artifact
 
     log = None if as_json else (lambda s: click.echo(s, err=True))
-    result = verify_artifact(artifact, blocks=blocks, sample=sample, full=full or None, jobs=jobs, log=log)
-    text = summary_text(result, all_layers)          # a backend may format its own report (htp)
-    if "emitted_c" in result:                   # cpu artifacts compiled with --emit-c
-        from fbqc.backends.cpu.c_emit.check import describe
-
-        text += "\n" + describe(result["emitted_c"])
-    if result.get("nonfinite"):
-        text += f"\nNON-FINITE outputs (NaN/Inf) in {', '.join(result['nonfinite'])}: no agreement"
-    _emit(ctx, result, text)
-    if not result["summary"]["exact"] or result.get("emitted_c", {}).get("exact") is False:
+    result = verify_artifact(artifact, log=log, **backend_kw)
+    _emit(ctx, result, summary_text(result, all_layers))     # the backend's own report where it has one
+    if not agrees(result):
         ctx.exit(1)
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also keep the raw profile CSV (QNN EP profiling_level=detailed) here (with --blocks: "
-                   "one per block, named CSV_STEM.<block>.csv).")
+              help="Also keep the backend's raw profile CSV here (htp: QNN EP profiling_level=detailed; with "
+                   "--blocks one per block, named CSV_STEM.<block>.csv).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
-@click.option("--blocks", "blocks", default=None, metavar="SPEC",
-              help="Profile these transformer blocks, each compiled as a graph of its own, and estimate the "
-                   "whole model's block cycles (" + _BLOCKS_HELP.split(": ", 1)[1].rstrip(".") + ").")
-@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="K", help=_SAMPLE_HELP)
-@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N", help=_JOBS_HELP)
+@backend_flags("profile")
 @click.pass_context
-def profile(ctx, artifact, csv_path, as_json, blocks=None, sample=None, jobs=None):
-    """Simulated cost of ARTIFACT: HTP cycles per op type and in total, on its example inputs (htp).
+def profile(ctx, artifact, csv_path, as_json, **backend_kw):
+    """Simulated cost of ARTIFACT on its target: cycles per op type and in total, on its example inputs
+    (backends with a profile: htp).
 
-    Without --blocks/--sample the whole context binary is profiled (a full-size model takes long);
+    htp: without --blocks/--sample the whole context binary is profiled (a full-size model takes long);
     with them, sampled transformer blocks, and the whole model's block cycles are estimated from them."""
-    from .verification import profile_artifact
+    from .artifact_verify import profile_artifact
 
     log = None if as_json else (lambda s: click.echo(s, err=True))
-    result, text = profile_artifact(artifact, csv_path, blocks=blocks, sample=sample, jobs=jobs, log=log)
+    result, text = profile_artifact(artifact, csv_path, log=log, **backend_kw)
     _emit(ctx, result, text)
 
 
@@ -261,7 +221,7 @@ def profile(ctx, artifact, csv_path, as_json, blocks=None, sample=None, jobs=Non
 def inspect(ctx, artifact, as_json):
     """Show an artifact's layers, bits, sizes and stage history."""
     from .artifact import read_manifest
-    from .report import inspect_summary
+    from .summaries import inspect_summary
 
     from .artifact import check_hashes
 
@@ -295,7 +255,7 @@ def list_passes(ctx, as_json):
 @click.pass_context
 def list_backends(ctx, as_json):
     """Installed backends (entry-point group fbqc.backends) with their versions."""
-    from fbqc.backends import describe_all
+    from .plugins import describe_all
 
     rows = describe_all()
     text = "\n".join(f"{r['name']:<8} {r['version']:<36} {r['entry_point']:<32} {r['description']}"

@@ -14,7 +14,7 @@ from .cli_options import _progress
 
 def summary_text(r: dict[str, Any]) -> str:
     from .image_metrics import fmt
-    from .report import _table
+    from .summaries import table
 
     agg = r["aggregate"]
     rows = [[p["index"], (p["prompt"][:40] + "…") if len(p["prompt"]) > 41 else p["prompt"],
@@ -22,7 +22,7 @@ def summary_text(r: dict[str, Any]) -> str:
              fmt(p.get("ssim"), 4) if p["status"] == "ok" else f"step {p.get('failed_step')}",
              f"{p['final_latent_mse']:.3g}" if p["status"] == "ok" else "–",
              f"{p['final_latent_cosine']:.6f}" if p["status"] == "ok" else "–"] for p in r["prompts"]]
-    lines = [_table(["#", "prompt", "PSNR dB", "SSIM", "final MSE", "final cos"], rows), ""]
+    lines = [table(["#", "prompt", "PSNR dB", "SSIM", "final MSE", "final cos"], rows), ""]
     t = r["target"]
     lines.append(f"target   {t.get('kind')}: " + ", ".join(f"{k}={v}" for k, v in t.items()
                                                             if k != "kind" and v is not None))

@@ -44,3 +44,30 @@ def _progress(quiet: bool) -> bool:
     """Progress bars only on a terminal: redirected to a file or a pipe, the log lines stay and the
     bars (carriage returns, escape codes) go."""
     return not quiet and sys.stderr.isatty()
+
+
+def backend_flags(command: str):
+    """Decorator: the flags the installed backends declare for ``command`` (their options dataclasses,
+    fbqc.backends.base.option), passed to the command as keyword arguments (None: not given)."""
+    from .plugins import flag_owners
+
+    def deco(f):
+        import inspect
+        import warnings
+
+        core = {n for n, p in inspect.signature(f).parameters.items() if p.kind != p.VAR_KEYWORD}
+        for name, (fld, owners) in reversed(list(flag_owners(command).items())):
+            md = fld.metadata
+            if name in core:                      # a backend may add flags, never replace the core's
+                warnings.warn(f"backend(s) {', '.join(owners)}: option {name!r} ({md['flag']}) clashes with "
+                              f"fbqc {command}'s own {name!r}; left out (prefix it with the backend's name)",
+                              stacklevel=2)
+                continue
+            kw: dict[str, Any] = {"help": md["help"], "default": None}
+            if md["is_flag"]:
+                kw.update(is_flag=True, flag_value=True)
+            else:
+                kw.update(type=md["type"], metavar=md["metavar"])
+            f = click.option(md["flag"], name, **kw)(f)
+        return f
+    return deco

@@ -100,7 +100,7 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
 
     from .outputs import check_writable, output_lock, remove_own
     from .pipeline import CompileOptions
-    from .qat import dist
+    from .qat.parallel import dist
     from .qat.config import EXECUTION, TrainConfig
     from .qat.preflight import check_train_command
 
@@ -157,8 +157,8 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
 
 
 def _train(ctx, model_file, out, schedule, steps, resume, stop_after, quiet, log, kw, execution, use_profile):
-    from .qat.run import train_model_file
-    from .qat.summary import summary_text
+    from .qat.model_file import train_model_file
+    from .qat.rundir.summary import summary_text
 
     kw.update({k: v for k, v in execution.items() if resume is None
                or ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
@@ -177,7 +177,7 @@ _SOURCE_FLAGS = ("scheme", "include", "exclude", "layer_bits", "a16", "preset", 
 
 def _differing(given: list[str], params: dict, run_dir: Path) -> list[str]:
     """The given options whose value is not the run's own (repeating the run's own flags is fine)."""
-    from .qat import checkpoint as ck
+    from .qat.rundir import checkpoint as ck
 
     run = ck.read_run(run_dir)
     train, flags = run.get("train", {}), run.get("source", {}).get("flags", {})

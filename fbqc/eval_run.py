@@ -3,7 +3,7 @@ the teacher's trajectory and images.
 
 Per captured prompt the capture's pipeline (model file + options from its manifest) runs with the same
 prompt, seed and call settings; only ``pipe.transformer`` is swapped for the student
-(:mod:`fbqc.students`). The capture's :class:`fbqc.capture.Recorder` records the student's transformer
+(:mod:`fbqc.eval_targets`). The capture's :class:`fbqc.capture.Recorder` records the student's transformer
 calls (batch split into ``uncond``/``cond`` as in the capture) and the VAE decoder's input. The initial
 latents must equal the capture's step-0 ``hidden_states`` (cond branch) — else an error: the capture
 and this pipeline disagree on seed or settings, and no comparison would mean anything.
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import image_metrics as im
 from .errors import UserError
-from .students import EvalError, NonFinite, Student, load_student
+from .eval_targets import EvalError, NonFinite, Student, load_student
 from .trajectories import Trajectories
 
 KIND, FORMAT = "fbqc-eval", 1
@@ -192,7 +192,7 @@ def evaluate(target: str | Path | None, data: str | Path, out: str | Path, *, nu
     """Evaluate ``target`` on the capture ``data``; writes ``out`` and returns eval.json's content.
 
     ``target``: a run or artifact directory, a model file, ``None`` with ``float_model``, or a
-    :class:`fbqc.students.Student` (any callable transformer, e.g. from Python)."""
+    :class:`fbqc.eval_targets.Student` (any callable transformer, e.g. from Python)."""
     from .capture import load_pipeline
     from .outputs import check_writable, staging
 

@@ -138,7 +138,7 @@ def _entry(module: torch.nn.Module) -> torch.nn.Module:
     return entry
 
 
-def _drop_guards(gm: torch.fx.GraphModule) -> None:
+def drop_guards(gm: torch.fx.GraphModule) -> None:
     """Remove ``ep.module()``'s input-guard call (shapes are static; data is checked by fbqc.data.take)."""
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
@@ -163,7 +163,7 @@ def export(module: torch.nn.Module, example_inputs: dict[str, Any], *, dynamic_s
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{source}: torch.export of {name} failed: {type(e).__name__}: {reason}") from e
     gm = ep.module()
-    _drop_guards(gm)
+    drop_guards(gm)
     on_meta = any(p.is_meta for p in module.parameters())
     info = {"source": source, "module": f"{type(module).__module__}.{name}", "meta_weights": on_meta,
             "torch": torch.__version__}

@@ -6,7 +6,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .blocks import is_pointwise
+
 CONV2D_DEFAULTS = {"bias": None, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+
+
+def flat_tensors(out: Any, detach: bool = True) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output, in pytree order (``detach``: without their graphs)."""
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t.detach() if detach else t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -27,15 +35,11 @@ def conv2d_params(node: fx.Node) -> dict[str, Any]:
 
 
 def is_pointwise_conv(node: fx.Node, weight: torch.Tensor) -> bool:
+    """An ``aten.conv2d`` node with ``weight`` is a pointwise (1×1) conv (:func:`fbqc.blocks.is_pointwise`)."""
     p = conv2d_params(node)
-    return (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and p["groups"] == 1
-            and p["stride"] == [1, 1] and p["padding"] == [0, 0] and p["dilation"] == [1, 1])
+    return is_pointwise(weight.shape, p["stride"], p["padding"], p["dilation"], p["groups"])
 
 
 def meta_val(shape, dtype: torch.dtype) -> torch.Tensor:
     """A shape/dtype description for ``node.meta['val']`` of nodes a pass creates."""
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
-
-
-def val_of(node: fx.Node) -> torch.Tensor:
-    return node.meta["val"]

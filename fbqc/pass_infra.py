@@ -60,11 +60,9 @@ class Pass:
         return self.requires if isinstance(self.requires, tuple) else (self.requires,)
 
     # hooks ------------------------------------------------------------------------------------
-    def check_requires(self, program: Program) -> None:
-        """Extra preconditions; raise :class:`PreconditionError`."""
-
     def check_ensures(self, program: Program) -> None:
-        """Extra postconditions; raise :class:`PostconditionError`."""
+        """Postconditions on the pass's output program (already stamped with ``produces``);
+        raise :class:`PostconditionError`."""
 
     def run(self, program: Program) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -74,7 +72,6 @@ class Pass:
         if program.stage not in self.required_stages():
             want = " or ".join(str(s) for s in self.required_stages())
             raise PreconditionError(self.name, f"needs a {want} program, got {program.stage}")
-        self.check_requires(program)
         before = None if self.in_place else program.graph_fingerprint()
         work = program if self.in_place else program.copy()
         result = self.run(work)
@@ -113,7 +110,7 @@ class PassManager:
         self.instruments = list(instruments)
 
     def __call__(self, program: Program) -> Program:
-        from .verifier import verify  # local: the verifier imports the pass-independent IR only
+        from .stage_contract import verify  # local: the verifier imports the pass-independent IR only
 
         if self.verify_each:
             verify(program, after="(input)")
@@ -135,9 +132,3 @@ class PassManager:
             for ins in self.instruments:
                 ins.after_pass(p, result, record)
         return program
-
-
-def run_passes(program: Program, passes: Sequence[Pass], **kwargs) -> Program:
-    return PassManager(passes, **kwargs)(program)
-
-

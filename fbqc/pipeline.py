@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +22,8 @@ from .frontend import export_model_file
 from .memory import available_bytes, peak_rss_mb
 from .pass_infra import Instrument, PassManager
 from .program import Program
+from .fx_utils import flat_tensors
+from .reference import save_reference
 from .spec import QUANT
 from .stage import Stage
 
@@ -42,20 +44,17 @@ class CompileOptions:
     checkpoint: str | None = None
     verify_each: bool = False
     print_after_change: bool = False
-    emit_c: bool = False                            # cpu backend: also write standalone C (c/, weights.bin)
-    c_flags: str | None = None                      # C compiler flags for the README / fbqc verify
-    soc: str | None = None                          # htp backend: target SoC (--soc; None: SM8750)
-    contexts: int | None = None                     # htp backend: QNN contexts (--contexts; None: by size)
+    #: the target backend's own options (its ``Options`` dataclass, or a mapping of its fields, e.g.
+    #: ``{"soc": "SM8650"}`` for htp, ``{"emit_c": True}`` for cpu); checked by the backend
+    target_options: Any = field(default_factory=dict)
 
     def flags(self) -> dict[str, Any]:
+        """The manifest's ``flags``: these options and the backend's, by field name."""
         d = asdict(self)
-        d.pop("verify_each"), d.pop("print_after_change")
-        return d
-
-
-def _flat(out) -> list[torch.Tensor]:
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [t.detach() for t in leaves if isinstance(t, torch.Tensor)]
+        for k in ("verify_each", "print_after_change", "target_options"):
+            d.pop(k)
+        t = self.target_options
+        return {**d, **(asdict(t) if is_dataclass(t) else dict(t or {}))}
 
 
 class _Progress(Instrument):
@@ -170,14 +169,12 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
 
 def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progress, log, after_insert, run):
     from fbqc.artifact import check_writable
-    from fbqc.backends import load_backend
+    from fbqc.plugins import backend_options, load_backend
 
     if progress:
         log = tqdm.write  # keeps log lines and progress bars apart
     backend = load_backend(opts.target)      # unknown target: fail before any work
-    check = getattr(backend, "check_options", None)   # backend-specific flags (htp --soc): fail early too
-    if check is not None:
-        check(opts.flags())
+    target_options = backend_options(backend, opts.target_options)   # htp --soc SM1234: fail early too
     check_writable(out, force)
     try:
         build_passes(opts, data=(), progress=False)  # --include/--exclude/--layer-bits regexes: before export
@@ -198,7 +195,7 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     log(f"exported {program.info['module']} in {timings['export']:.1f} s "
         f"({len(program.graph.nodes)} nodes)")
     with torch.no_grad():
-        float_out = _flat(program.run_example())
+        float_out = flat_tensors(program.run_example())
         t = time.perf_counter()                      # a warm forward: the first one pays one-off costs
         program.run_example()
         timings["float_forward"] = time.perf_counter() - t
@@ -217,11 +214,11 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     _check_finite(program, float_out, "float model")
     fq = PassManager(first, **pm)(program)
     with torch.no_grad():
-        fq_out = _flat(fq.run_example())
+        fq_out = flat_tensors(fq.run_example())
     _check_finite(fq, fq_out, "fake-quant model")
     integer = PassManager(second, **pm)(fq)
     with torch.no_grad():
-        int_out = _flat(integer.run_example())
+        int_out = flat_tensors(integer.run_example())
     _check_finite(integer, int_out, "integer model")
 
     layers = layer_table(integer)
@@ -234,7 +231,7 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     del program, fq, calibration, data, first, second, pm, ins
     gc.collect()
     t = time.perf_counter()
-    report = backend.supports(integer, opts.flags())   # htp: the QNN compile itself, kept for compile()
+    report = backend.supports(integer, target_options)   # htp: the QNN compile itself, kept for compile()
     timings["supports"] = time.perf_counter() - t
     if not report.ok:
         raise UserError(report.describe())
@@ -247,7 +244,8 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     }
     with staging(out, force) as tmp:
         t = time.perf_counter()
-        artifact = backend.compile(integer, opts.flags(), tmp)
+        save_reference(integer, tmp)                     # program.pt2: every artifact carries it
+        artifact = backend.compile(integer, target_options, tmp)
         save_io(tmp, integer.example_inputs, {"fake_quant_outputs": fq_out, "float_outputs": float_out})
         manifest = {
             "format": FORMAT,
@@ -255,7 +253,7 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
             "versions": _versions(),
             "backend": {"name": backend.name, "version": backend.version, **artifact.manifest},
             "model": model_info,
-            "flags": opts.flags(),
+            "flags": {**opts.flags(), **asdict(target_options)},
             "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in integer.example_inputs.items() if isinstance(v, torch.Tensor)},
             "calibration": calib_entry,
@@ -273,7 +271,7 @@ def _compile_model(model_path, out: Path, opts: CompileOptions, *, force, progre
     bar.close()
     timings["total"] = time.perf_counter() - t0
     timings.update({r.name: r.seconds for r in integer.history})
-    timings.update({f"backend.{k}": v for k, v in getattr(backend, "last_timings", {}).items()})
+    timings.update({f"backend.{k}": v for k, v in artifact.timings.items()})
     return {"artifact": str(out), "manifest": manifest, "timings": timings, "peak_rss_mb": peak_rss_mb()}
 
 

@@ -7,7 +7,6 @@ the tensors, so a 600 M-parameter model is not duplicated by a pass that rewrite
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,9 +94,6 @@ class Program:
                 owner = self.graph_module.get_submodule(".".join(path))
                 delattr(owner, leaf)
         self.graph_module.delete_all_unused_submodules()
-
-    def parameters_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.graph_module.state_dict().values())
 
     def graph_fingerprint(self) -> str:
         """Text of the graph: cheap to compare, used to check that functional passes kept their word."""

@@ -2,6 +2,17 @@
 
 Deciding *what* to quantize (annotation passes) is separate from *how the nodes are inserted*
 (one generic pass, :class:`fbqc.passes.InsertFakeQuant`), as in torchao's PT2E.
+
+Who owns a bit-width (weights and activations alike), stage by stage:
+
+* ANNOTATED: the spec (the annotation pass writes it).
+* FAKE_QUANT: the 0-d buffers the fake-quant ops read — ``<layer>.w_bits`` (weight), ``<layer>.in_bits``
+  and ``<layer>.out_bits`` (activations). InsertFakeQuant creates them from the spec; from then on they
+  are the truth: the QAT schedule writes them, Calibrate reads them, and the spec's bits are only the
+  annotation's starting values.
+* Fold copies every buffer (weight, input, output) back into the spec; from FOLDED on the spec is the
+  only owner: LowerToInteger and the backends read it (the integer ops' ``bits`` arguments are copies
+  of it), and the verifier rejects a FOLDED activation buffer or an INTEGER op argument that differs.
 """
 from __future__ import annotations
 
@@ -50,6 +61,7 @@ class ActSpec:
     def __post_init__(self):
         if self.bits not in (8, 16):
             raise ValueError(f"activation bits must be 8 or 16, got {self.bits!r}")
+        object.__setattr__(self, "bits", int(self.bits))      # 8.0 read from a bits buffer → 8
         if self.observer not in ("minmax", "3sigma"):
             raise ValueError(f"observer must be 'minmax' or '3sigma', got {self.observer!r}")
 
@@ -68,8 +80,12 @@ class QuantSpec:
     input: ActSpec = field(default_factory=ActSpec)
     output: ActSpec = field(default_factory=ActSpec)
 
-    def with_bits(self, bits: float) -> "QuantSpec":
-        return replace(self, weight=replace(self.weight, bits=bits))
+    def with_bits(self, weight: float | None = None, *, input: int | None = None,
+                  output: int | None = None) -> "QuantSpec":
+        """This spec with the given weight / input / output bit-widths (None: unchanged)."""
+        return replace(self, weight=self.weight if weight is None else replace(self.weight, bits=weight),
+                       input=self.input if input is None else replace(self.input, bits=input),
+                       output=self.output if output is None else replace(self.output, bits=output))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,8 +7,9 @@ from typing import Iterable, Mapping
 
 import torch
 
+from fbqc.blocks import IN_BLOCK
 from fbqc.fx_utils import arg, is_pointwise_conv
-from fbqc.pass_infra import Pass, PassResult, PreconditionError
+from fbqc.pass_infra import Pass, PassResult, PostconditionError, PreconditionError
 from fbqc.program import Program
 from fbqc.quant_math import check_bits
 from fbqc.spec import QUANT, ActSpec, QuantSpec, WeightSpec
@@ -18,7 +19,7 @@ LINEAR, CONV2D = torch.ops.aten.linear.default, torch.ops.aten.conv2d.default
 
 #: every linear / 1×1 conv inside the transformer blocks (``transformer_blocks.N.``,
 #: ``single_transformer_blocks.N.`` …); embeddings, norms, the final projection stay float.
-DEFAULT_INCLUDE = (r"(^|\.)\w*blocks\.\d+\.",)
+DEFAULT_INCLUDE = (IN_BLOCK.pattern,)
 
 
 def layer_name(weight_target: str) -> str:
@@ -113,8 +114,10 @@ class AnnotateLinears(Pass):
             self.check_overrides_match(candidates)
         except ValueError as e:
             raise PreconditionError(self.name, str(e)) from None
-        if not program.quantized_nodes():
-            raise PreconditionError(self.name, "no linear or 1x1 conv layer matched --include "
-                                    f"{self.include} (exclude {self.exclude}); nothing to quantize")
         program.info.setdefault("skipped_layers", {}).update(skipped)
         return PassResult(program, modified)
+
+    def check_ensures(self, program: Program) -> None:
+        if not program.quantized_nodes():
+            raise PostconditionError(self.name, "no linear or 1x1 conv layer matched --include "
+                                     f"{self.include} (exclude {self.exclude}); nothing to quantize")

@@ -109,7 +109,8 @@ class Calibrate(Pass):
             spec = layer_node.meta[QUANT]
             act = spec.output if node.meta[ROLE] == "output" else spec.input
             lo, hi = obs.range(self.observer or act.observer)
-            scale, zp = act_qparams(lo, hi, act.bits)
+            bits = float(program.attr(node.args[3]))     # FAKE_QUANT: the buffer owns the bit-width
+            scale, zp = act_qparams(lo, hi, bits)
             for a, v in zip(node.args[1:3], (scale, float(zp))):
                 program.graph_module.register_buffer(a.target, torch.tensor(v, dtype=torch.float32))
             used[obs.name] = {"min": obs.lo, "max": obs.hi, "lo": lo, "hi": hi, "scale": scale, "zp": zp}

@@ -22,8 +22,13 @@ def _scalar(v: float, dtype=torch.float32) -> torch.Tensor:
 class InsertFakeQuant(Pass):
     """Insert fake_quant_weight on each annotated weight and fake_quant_act on its input and output.
 
-    Bit-widths, scales and zero points are 0-d float32 buffers read by the ops, so QAT and
-    calibration change them without touching the graph. Activation scales start uncalibrated (NaN).
+    Bit-widths, scales and zero points are 0-d buffers read by the ops (``<layer>.w_bits`` float64,
+    ``<layer>.in_bits`` / ``.out_bits``, scales and zero points float32), so QAT and calibration change
+    them without touching the graph. Activation scales start uncalibrated (NaN).
+
+    Bit-width ownership (:mod:`fbqc.spec`): this pass hands every bit-width over from the spec to its
+    buffer. During FAKE_QUANT the buffers own the bit-widths, weights and activations alike (what the
+    QAT schedule writes); Fold writes them all back into the spec, which owns them from FOLDED on.
     """
 
     requires = Stage.ANNOTATED
@@ -61,3 +66,13 @@ class InsertFakeQuant(Pass):
             q = program.graph.call_function(fbqc.fake_quant_act.default, (value, *consts))
         q.meta.update({"val": value.meta["val"], ROLE: role, LAYER: name.rsplit(".", 1)[0]})
         return q
+
+
+def bits_buffers(program: Program) -> dict[str, torch.Tensor]:
+    """``{layer: its 0-d weight-bits buffer}`` in graph order (the ``<layer>.w_bits`` constants that
+    :class:`InsertFakeQuant` gives each ``fake_quant_weight``; QAT's schedule writes them)."""
+    out = {}
+    for n in program.graph.nodes:
+        if n.op == "call_function" and n.target == fbqc.fake_quant_weight.default:
+            out[n.meta[LAYER]] = program.attr(n.args[1])
+    return out

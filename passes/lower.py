@@ -4,10 +4,8 @@ from __future__ import annotations
 import torch
 
 from fbqc.fx_utils import arg, meta_val
-from fbqc.int_ops import code_dtype
 from fbqc.pass_infra import Pass, PassResult
 from fbqc.program import Program
-from fbqc.quant_math import act_levels
 from fbqc.spec import LAYER, QUANT, ROLE, SPEC_KEY
 from fbqc.stage import Stage
 
@@ -35,21 +33,20 @@ class LowerToInteger(Pass):
             x = fq_in.args[0]
             sx, zx = (float(program.attr(a)) for a in fq_in.args[1:3])
             sy, zy = (float(program.attr(a)) for a in fq_out.args[1:3])
-            x_qmax = act_levels(spec.input.bits)[1]
-            y_qmax = act_levels(spec.output.bits)[1]
+            x_bits, y_bits = float(spec.input.bits), float(spec.output.bits)   # the spec owns them (Fold)
             wq, w_scale, w_zp = dq_w.args
             ws = program.add_constant(f"{spec.layer}.w_scale_c", program.attr(w_scale).reshape(-1).clone(),
                                       before=node)
 
             out_val = fq_out.meta["val"]
             with graph.inserting_before(node):
-                xq = graph.call_function(fbqc.quantize.default, (x, sx, int(zx), x_qmax))
+                xq = graph.call_function(fbqc.quantize.default, (x, sx, int(zx), x_bits))
                 yq = graph.call_function(INT_OP[spec.kind], (xq, sx, int(zx), wq, ws, w_zp, bias, sy,
-                                                             int(zy), y_qmax))
+                                                             int(zy), y_bits))
                 y = graph.call_function(fbqc.dequantize.default, (yq, sy, int(zy)))
-            xq.meta.update({"val": meta_val(x.meta["val"].shape, code_dtype(x_qmax)), ROLE: "input",
+            xq.meta.update({"val": meta_val(x.meta["val"].shape, spec.input.container.dtype), ROLE: "input",
                             LAYER: spec.layer})
-            yq.meta.update({"val": meta_val(out_val.shape, code_dtype(y_qmax)), QUANT: spec,
+            yq.meta.update({"val": meta_val(out_val.shape, spec.output.container.dtype), QUANT: spec,
                             "custom": {SPEC_KEY: spec.to_dict()}})  # survives torch.export.save
             y.meta.update({"val": out_val, ROLE: "output", LAYER: spec.layer})
             fq_out.replace_all_uses_with(y)

@@ -33,13 +33,18 @@ _compiled: dict = {}
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """compiled(arch, bits, **opts) → (artifact dir, result dict), each configuration compiled once."""
+    from dataclasses import fields
+
     from fbqc.pipeline import CompileOptions, compile_model
 
     def build(arch: str, bits: float = 4.0, **kw):
         key = (arch, bits, tuple(sorted((k, str(v)) for k, v in kw.items())))
         if key not in _compiled:
             out = tmp_path_factory.mktemp("art") / f"{arch}_{bits}"
-            opts = CompileOptions(bits=bits, calib_samples=kw.pop("calib_samples", 8), **kw)
+            core = {f.name for f in fields(CompileOptions)}     # the rest are the target backend's options
+            target_options = {k: kw.pop(k) for k in list(kw) if k not in core}
+            opts = CompileOptions(bits=bits, calib_samples=kw.pop("calib_samples", 8), target_options=target_options,
+                                  **kw)
             result = compile_model(example(arch), out, opts, progress=False, log=lambda s: None)
             _compiled[key] = (out, result)
         return _compiled[key]

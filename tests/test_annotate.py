@@ -6,7 +6,7 @@ import torch
 
 import fbqc
 from conftest import example
-from fbqc.pass_infra import PreconditionError
+from fbqc.pass_infra import PostconditionError
 from fbqc.passes import AnnotateLinears
 
 
@@ -66,5 +66,5 @@ def test_bad_bits(bad):
 def test_bad_pattern_and_no_match(sana):
     with pytest.raises(ValueError, match="--include '\\(' is not a valid regular expression"):
         AnnotateLinears(include=["("])
-    with pytest.raises(PreconditionError, match="no linear or 1x1 conv layer matched"):
+    with pytest.raises(PostconditionError, match="no linear or 1x1 conv layer matched"):
         AnnotateLinears(include=["nothing_like_this"])(sana)

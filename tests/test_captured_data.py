@@ -189,7 +189,7 @@ def test_calibration_data_that_runs_out_is_recorded_truthfully(tmp_path):
 
 def _train_losses(toy: Path, cap: Path, cached: bool) -> tuple[list[float], int]:
     from fbqc.pipeline import CompileOptions
-    from fbqc.qat.run import prepare
+    from fbqc.qat.model_file import prepare
     from fbqc.qat.train import train
 
     teacher, student, mf, scheduled, _ = prepare(toy, CompileOptions(bits=4))

@@ -1,5 +1,5 @@
 """Map-style sample streams (fbqc.data.SamplesAround, the examples' SeededSamples) and the per-process
-shares the training loop takes of them (fbqc.qat.stream)."""
+shares the training loop takes of them (also fbqc.data)."""
 from __future__ import annotations
 
 import itertools
@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
+from fbqc import data as S
 from fbqc.data import ENDLESS, SamplesAround, samples_around, sample_seed
 from fbqc.frontend import load_model_file
-from fbqc.qat import stream as S
 
 EXAMPLE = {"x": torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 4 + 1,
            "t": torch.tensor([5]), "one": torch.tensor([2.0])}

@@ -23,7 +23,7 @@ from fbqc.artifact import load_io
 from fbqc.backends.cpu import CpuBackend
 from fbqc.backends.cpu.c_emit import emit_c
 from fbqc.backends.cpu.c_emit.build import compiler, read_dump, read_tensors, write_codes
-from fbqc.backends.cpu.c_emit.generator import RUNTIME_FILES, copy_runtime
+from fbqc.backends.cpu.c_emit.files import RUNTIME_FILES, copy_runtime
 from fbqc.errors import UserError
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler")
@@ -68,7 +68,8 @@ def run(binary: Path, d: Path, *extra, ok=True):
 
 def exact_layer(kind, args, xq):
     """int64 accumulators and fp32 contract codes in NumPy, independent of fbqc's kernels."""
-    _, sx, zx, wq, ws, wz, b, sy, zy, qmax = args
+    _, sx, zx, wq, ws, wz, b, sy, zy, y_bits = args
+    qmax = int(2.0 ** y_bits) - 1                       # the ops take bits (8 or 16): 255 / 65535
     x = (xq.movedim(1, -1) if kind == "conv1x1" else xq).numpy().astype(np.int64) - zx
     w = wq.reshape(wq.shape[0], -1).numpy().astype(np.int64)
     if wz is not None:
@@ -87,7 +88,7 @@ _LOADED: dict = {}
 
 
 def load(out: Path):
-    """CpuArtifact of ``out``, loaded once (torch.export.load dominates these tests' time)."""
+    """The integer reference (fbqc.reference.Reference) of ``out``, loaded once (torch.export.load dominates these tests' time)."""
     if out not in _LOADED:
         _LOADED[out] = CpuBackend().load(out)
     return _LOADED[out]
@@ -171,7 +172,7 @@ def test_compile_emit_c_build_run_and_verify(compiled):
             (out / f).unlink(missing_ok=True)
     io = load_io(out)
     assert torch.allclose(got, io["fake_quant_outputs"][0], rtol=0, atol=1e-3)
-    from fbqc.verification import verify_artifact
+    from fbqc.artifact_verify import verify_artifact
 
     report = verify_artifact(out)
     c = report["emitted_c"]
@@ -253,11 +254,11 @@ def test_op_without_generator_is_a_clear_error(tmp_path):
         def forward(self, x):
             return torch.cumsum(x, 0) + 1
 
-    from fbqc.frontend import _drop_guards
+    from fbqc.frontend import drop_guards
 
     x = torch.randn(4)
     gm = torch.export.export(M(), (x,)).module()
-    _drop_guards(gm)
+    drop_guards(gm)
     with pytest.raises(UserError, match=r"no C generator for op aten\.cumsum\.default \(node cumsum\)"):
         emit_c(Program(gm, Stage.INTEGER, {"x": x}), tmp_path)
 

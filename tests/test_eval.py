@@ -19,7 +19,7 @@ from conftest import example
 from fbqc.cli import main
 from fbqc.errors import UserError
 from fbqc.eval_run import evaluate
-from fbqc.students import Student
+from fbqc.eval_targets import Student
 
 PROMPTS = ["a red cat sitting on a wooden table in the morning light",
            "a blue house near the sea at sunset with many clouds",
@@ -127,7 +127,7 @@ def test_w8_ptq_beats_w4(caps, compiled, arch):
 
 
 def test_qat_run_target_and_fid_needs_two(caps, tmp_path):
-    from fbqc.qat.run import train_model_file
+    from fbqc.qat.model_file import train_model_file
 
     run = tmp_path / "run"
     train_model_file(example("sana"), run, steps=3, bits=4.0, progress=False, log=lambda s: None)

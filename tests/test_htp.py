@@ -14,7 +14,7 @@ from conftest import ARCHS
 from fbqc.artifact import read_manifest
 from fbqc.backends.cpu import CpuBackend
 from fbqc.errors import UserError
-from fbqc.verification import verify_artifact
+from fbqc.artifact_verify import verify_artifact
 
 HTP_FILES = {"model_ctx.onnx", "model_ctx_qnn.bin", "model.qdq.onnx", "saver_output.c", "params.bin",
              "placement.json", "program.pt2", "io.pt"}

@@ -17,7 +17,7 @@ from fbqc.backends.cpu import CpuBackend
 from fbqc.backends.htp import blocks as B
 from fbqc.errors import UserError
 from fbqc.hooks import hooked
-from fbqc.verification import profile_artifact, verify_artifact
+from fbqc.artifact_verify import profile_artifact, verify_artifact
 
 
 def run(*args):

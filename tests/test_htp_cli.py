@@ -126,7 +126,7 @@ def test_context_binary_stable_hash(compiled, tmp_path):
 
 
 def test_htp_summary_and_inspect_show_placement_and_binary(compiled):
-    from fbqc.report import compile_summary
+    from fbqc.summaries import compile_summary
 
     out, result = compiled("sana", 4.0, target="htp")
     b = result["manifest"]["backend"]

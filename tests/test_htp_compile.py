@@ -11,7 +11,7 @@ from fbqc.artifact import load_io, read_manifest
 from fbqc.backends.htp import partition
 from fbqc.backends.htp.runner import HtpArtifact
 from fbqc.errors import ArtifactError
-from fbqc.verification import verify_artifact
+from fbqc.artifact_verify import verify_artifact
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -91,7 +91,7 @@ def test_binary_bytes_by_kind_add_up_and_count_int4_at_half_a_byte(compiled):
     floats = sum(int(np.prod(t.dims)) for t in model.graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT and t.name not in qdq_inputs)
     assert x["bytes"]["float_constants"] == 2 * floats and x["float_constants_in_onnx"] == 4 * floats
-    from fbqc.report import compile_summary, inspect_summary
+    from fbqc.summaries import compile_summary, inspect_summary
 
     line = f"{x['bits_per_quantized_weight']:.2f} bits/quantized weight"
     assert line in compile_summary(result) and line in inspect_summary(read_manifest(out))

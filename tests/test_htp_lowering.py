@@ -20,7 +20,7 @@ from fbqc.backends.htp import onnx_fixes
 from fbqc.backends.htp.prepare import a16_spread, prepare
 from fbqc.errors import UserError
 from fbqc.pipeline import CompileOptions, compile_model
-from fbqc.verification import verify_artifact
+from fbqc.artifact_verify import verify_artifact
 
 TOY = """
 import torch
@@ -69,7 +69,9 @@ def toy_model(directory, tail: str = "y", extra: str = ""):
 def toy_compile(tmp_path, tail="y", extra="", **kw):
     out = tmp_path / "art"
     kw.setdefault("calib_samples", 4)
-    compile_model(toy_model(tmp_path, tail, extra), out, CompileOptions(target="htp", **kw), progress=False,
+    soc = {"soc": kw.pop("soc")} if "soc" in kw else {}          # an option of the htp backend
+    compile_model(toy_model(tmp_path, tail, extra), out, CompileOptions(target="htp", target_options=soc, **kw),
+                  progress=False,
                   log=lambda s: None)
     return out
 

@@ -20,6 +20,8 @@ import fbqc  # noqa: F401  registers torch.ops.fbqc.*
 F32 = np.float32
 OPS = torch.ops.fbqc
 I32 = np.iinfo(np.int32)
+#: the ops take activation bits; the cases below are written with the top code they imply
+BITS = {255: 8.0, 65535: 16.0}
 
 
 # --- independent NumPy reference ------------------------------------------------------------------
@@ -125,7 +127,7 @@ def call(op, c, xq=None, wq=None, w_scale=None, w_zp=_SAME):
     return op(t(c["xq"] if xq is None else xq), c["x_scale"], c["x_zp"],
               t(c["wq"] if wq is None else wq), t(c["w_scale"] if w_scale is None else w_scale),
               t(c["w_zp"]) if w_zp is _SAME else t(w_zp), t(c["bias"]), c["y_scale"], c["y_zp"],
-              c["y_qmax"])
+              BITS[c["y_qmax"]])
 
 
 # --- quantize / dequantize ------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def q_inputs(scale, zp, qmax, seed):
 def test_quantize(scale, zp, qmax, in_dtype):
     x, ties = q_inputs(scale, zp, qmax, seed=1)
     x = x.astype(in_dtype)
-    got = OPS.quantize(t(x), scale, zp, qmax)
+    got = OPS.quantize(t(x), scale, zp, BITS[qmax])
     assert got.dtype == (torch.uint8 if qmax == 255 else torch.int32)
     got = got.numpy()
     want = np_quantize(x, scale, zp, qmax)
@@ -172,7 +174,7 @@ def test_quantize(scale, zp, qmax, in_dtype):
     assert got.min() == 0 and got.max() == qmax                # clamped both ends
     assert len(ties) >= 9
     # ties: Python's round() (half-to-even) as an independent scalar check
-    got_t = OPS.quantize(t(ties), scale, zp, qmax).numpy().astype(np.int64)
+    got_t = OPS.quantize(t(ties), scale, zp, BITS[qmax]).numpy().astype(np.int64)
     want_t = [min(max(round(float(F32(v / F32(scale)))) + zp, 0), qmax) for v in ties]
     assert got_t.tolist() == want_t
 
@@ -192,7 +194,7 @@ def test_quantize_dequantize_roundtrip_on_grid(scale, zp, qmax):
     """Codes → float → codes is the identity (the grid points survive fp32)."""
     q = np.arange(0, qmax + 1, max(1, qmax // 997)).astype(np_code_dtype(qmax))
     x = OPS.dequantize(t(q), scale, zp)
-    assert np.array_equal(OPS.quantize(x, scale, zp, qmax).numpy(), q)
+    assert np.array_equal(OPS.quantize(x, scale, zp, BITS[qmax]).numpy(), q)
 
 
 @pytest.mark.parametrize("kind", list(WEIGHT_KINDS))
@@ -350,11 +352,12 @@ def test_fake_kernels_shapes_and_dtypes():
             fake = call(OPS.qlinear, c)
         assert fake.shape == real.shape and fake.dtype == real.dtype
     for op, args in [
-        (OPS.quantize.default, (torch.randn(3, 4), 0.1, 3, 255)),
-        (OPS.quantize.default, (torch.randn(3, 4), 0.1, 3, 65535)),
+        (OPS.quantize.default, (torch.randn(3, 4), 0.1, 3, BITS[255])),
+        (OPS.quantize.default, (torch.randn(3, 4), 0.1, 3, BITS[65535])),
         (OPS.dequantize.default, (torch.randint(0, 255, (3, 4), dtype=torch.uint8), 0.1, 3)),
         (OPS.dequantize_weight.default, (torch.randint(-8, 8, (4, 6), dtype=torch.int8),
                                          torch.rand(4, 1), None)),
-        (OPS.qlinear.default, tuple(t(v) if isinstance(v, np.ndarray) else v for v in c8.values())),
+        (OPS.qlinear.default, tuple(t(v) if isinstance(v, np.ndarray) else BITS[v] if k == "y_qmax" else v
+                                    for k, v in c8.items())),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

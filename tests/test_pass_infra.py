@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from fbqc.data import samples_around
 from fbqc.pass_infra import Pass, PostconditionError, PreconditionError
 from fbqc.passes import AnnotateLinears, Calibrate, Fold, InsertFakeQuant, LowerToInteger
 from fbqc.spec import QUANT, QuantSpec
-from fbqc.verifier import VerificationError
+from fbqc.stage_contract import VerificationError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,9 @@ def test_researcher_api_custom_pass_list(exported):
     data = samples_around(exported.example_inputs)
     pm = PassManager([AnnotateLinears(bits=4.5), AttentionAt8Bits(), InsertFakeQuant(), Calibrate(data, 3)],
                      verify_each=True)
+    start = time.perf_counter()
     fq = pm(exported)
+    elapsed = time.perf_counter() - start
     assert fq.stage == Stage.FAKE_QUANT
     specs = fq.specs()
     assert all(isinstance(s, QuantSpec) for s in specs.values())
@@ -44,13 +47,36 @@ def test_researcher_api_custom_pass_list(exported):
     assert specs["transformer_blocks.0.ff.conv_inverted"].weight.bits == 4.5
     assert specs["transformer_blocks.0.ff.conv_inverted"].kind == "conv1x1"
     assert [r.name for r in fq.history] == ["AnnotateLinears", "AttentionAt8Bits", "InsertFakeQuant", "Calibrate"]
-    assert all(r.seconds >= 0 for r in fq.history)
+    # each pass's own time, in seconds: positive, and together no more than the whole run took
+    assert all(r.seconds > 0 for r in fq.history) and sum(r.seconds for r in fq.history) <= elapsed
     # functional passes left the input untouched
     assert exported.stage == Stage.EXPORTED and not exported.quantized_nodes()
     # and the fake-quant program runs and approximates the float model
     ref = exported.run_example()[0]
     out = fq.run_example()[0]
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.2
+
+
+def test_pass_manager_times_each_pass(exported):
+    """A pass's record holds the seconds that pass took: a pass that sleeps 0.2 s is recorded at
+    0.2 s or more, and within what the caller measured around the whole run."""
+    class Sleep(Pass):
+        requires = produces = Stage.EXPORTED
+
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def run(self, program):
+            time.sleep(self.seconds)
+            return PassResult(program, False)
+
+    start = time.perf_counter()
+    out = PassManager([Sleep(0.0), Sleep(0.2)])(exported)
+    elapsed = time.perf_counter() - start
+    quick, slow = out.history
+    assert quick.name == slow.name == "Sleep"
+    assert 0.2 <= slow.seconds <= elapsed and quick.seconds < slow.seconds
+    assert quick.seconds + slow.seconds <= elapsed
 
 
 def test_precondition_names_pass_and_stage(exported):

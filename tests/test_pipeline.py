@@ -8,7 +8,7 @@ import torch
 
 from conftest import ARCHS, example
 from fbqc.artifact import read_manifest
-from fbqc.verification import verify_artifact
+from fbqc.artifact_verify import verify_artifact
 
 
 @pytest.mark.parametrize("bits", [4, 4.5, 8])

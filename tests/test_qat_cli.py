@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import example
 from fbqc.cli import main
 from fbqc.frontend import load_model_file
-from fbqc.fake_quant import weight_codes
+from fbqc.ops.fake_quant import weight_codes
 from test_qat_toy import one_thread
 
 

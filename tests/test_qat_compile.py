@@ -8,7 +8,7 @@ import fbqc
 import fbqc.qat
 from fbqc.passes import AnnotateLinears, InsertFakeQuant
 from fbqc.qat import Schedule, bits_buffers, set_bits, training_view
-from fbqc.qat.student import FUSED
+from fbqc.qat.students.program import FUSED
 from test_qat_toy import one_thread, toy_file
 
 
@@ -39,7 +39,7 @@ def test_bit_changes_compile_once_forward_and_backward(tmp_path):
     assert counter.frame_count == first, f"recompiled: {first} → {counter.frame_count} frames"
     graphs = [g for g in counter.graphs if len(g.graph.nodes)]
     assert len(graphs) == 1
-    # the fused fake quant (fbqc.qat.fused) is traced, not called opaquely: one autograd HOP per quantizer
+    # the fused fake quant (fbqc.ops.fused) is traced, not called opaquely: one autograd HOP per quantizer
     n_fq = sum(str(n.target) == "autograd_function_apply" for n in graphs[0].graph.nodes)
     assert n_fq == sum(n.target in FUSED.values() for n in view.graph.nodes) and len(buffers) == 4
     assert not any("fake_quant" in str(n.target) for n in graphs[0].graph.nodes)

@@ -1,4 +1,4 @@
-"""Data-parallel QAT (fbqc.qat.dist, fbqc.qat.modules): the module student computes what the program
+"""Data-parallel QAT (fbqc.qat.parallel.dist, fbqc.qat.students.modules): the module student computes what the program
 student computes; `fbqc train --nproc 2` (two gloo processes through torchrun) follows the loss
 trajectory of one process; FSDP2 checkpoints resume on another number of processes; bad set-ups fail
 with a clear message."""
@@ -19,7 +19,7 @@ from fbqc.cli import main
 from fbqc.frontend import _entry
 from fbqc.passes import AnnotateLinears, InsertFakeQuant
 from fbqc.qat import training_view
-from fbqc.qat.modules import FakeQuantLinear, annotate_modules, block_modules, module_bits, quantize_modules
+from fbqc.qat.students.modules import FakeQuantLinear, annotate_modules, block_modules, module_bits, quantize_modules
 from test_qat_toy import one_thread, toy_file
 
 SANA = Path(__file__).resolve().parents[1] / "examples" / "sana.py"
@@ -145,7 +145,7 @@ def test_errors_name_the_problem(tmp_path):
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "k"), "--strategy", "fsdp",
                                     "--ddp-bucket-mb", "25", "-q"])
     assert run.exit_code == 2 and "--ddp-bucket-mb sizes DistributedDataParallel's" in run.output
-    from fbqc.qat.dist import DDP_BUCKET_MB
+    from fbqc.qat.parallel.dist import DDP_BUCKET_MB
     assert next(p.default for p in main.commands["train"].params if p.name == "ddp_bucket_mb") == DDP_BUCKET_MB
     for flags, message in ((["--strategy", "ddp"], "needs --compile and --device cuda"),
                            (["--compile", "--device", "cuda", "--strategy", "fsdp"], "does not work with --strategy fsdp"),
@@ -156,7 +156,7 @@ def test_errors_name_the_problem(tmp_path):
     run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "a"), "--batch", "2", "-q"])
     assert run.exit_code == 2 and "--batch > 1 needs the module student" in run.output
     with pytest.raises(Exception, match="does not split over 3 processes"):
-        from fbqc.qat.dist import World, shard_batch
+        from fbqc.qat.parallel.dist import World, shard_batch
         shard_batch({"x": torch.zeros(4, 2)}, World(rank=0, size=3))
     CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "p"), *COMMON[:-2], "--stop-after", "2",
                               "-q"])
@@ -170,7 +170,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_ddp_over_one_process_is_no_wrapper():
     """One process: DDP would only copy the gradients into its buckets; the plain module trains."""
-    from fbqc.qat.dist import World, wrap
+    from fbqc.qat.parallel.dist import World, wrap
 
     m = torch.nn.Linear(2, 2)
     assert wrap(m, [], "ddp", torch.device("cpu"), World()) is m

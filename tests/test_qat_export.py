@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from diffusers import SanaTransformer2DModel
 
 from fbqc.cli import main
-from fbqc.fake_quant import weight_value
+from fbqc.ops.fake_quant import weight_value
 from fbqc.frontend import _entry, load_model_file
-from fbqc.qat.checkpoint import load_student
-from fbqc.qat.modules import quantize_modules
+from fbqc.qat.rundir.checkpoint import load_student
+from fbqc.qat.students.modules import quantize_modules
 from fbqc.quant_math import narrow_levels
 from fbqc.spec import QuantSpec
 from test_qat_toy import one_thread, toy_file

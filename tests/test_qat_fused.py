@@ -1,4 +1,4 @@
-"""fbqc.qat.fused: the fusible fake quant computes the registered ops' values and gradients exactly —
+"""fbqc.ops.fused: the fusible fake quant computes the registered ops' values and gradients exactly —
 eagerly and compiled by inductor (C++ here; Triton on the GPU, checked by benchmarks/gpu_qat_step.py) —
 and a bit-width change recompiles nothing."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fbqc.qat  # noqa: F401  registers the ops
-from fbqc.qat.fused import compile_options, fq_act, fq_act_dynamic, fq_weight
+from fbqc.ops.fused import compile_options, fq_act, fq_act_dynamic, fq_weight
 from test_qat_toy import one_thread
 
 fbqc = torch.ops.fbqc

@@ -56,8 +56,8 @@ def test_dynamic_zero_sample_bf16_and_straight_through_grad():
 def test_dynamic_channels_last_and_permuted_inputs():
     """The range is reduced in memory order (fast when compiled): the values must not depend on the
     layout — a channels-last conv output and a permuted view give NumPy's per-sample result."""
-    from fbqc.qat.fused import compile_options, fq_act_dynamic
-    from fbqc.qat.ops import memory_order
+    from fbqc.ops.dynamic import memory_order
+    from fbqc.ops.fused import compile_options, fq_act_dynamic
 
     g = torch.Generator().manual_seed(3)
     nhwc = torch.randn(3, 5, 4, 7, generator=g) * torch.tensor([0.5, 4.0, 20.0]).view(3, 1, 1, 1)

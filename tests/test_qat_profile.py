@@ -1,11 +1,11 @@
-"""fbqc train --profile's GPU timeline (fbqc.qat.profile.timeline): per-step computing, communicating,
+"""fbqc train --profile's GPU timeline (fbqc.qat.rundir.profile.timeline): per-step computing, communicating,
 communication alone and idle time, against the same quantities counted microsecond by microsecond."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fbqc.qat.profile import timeline, timeline_text
+from fbqc.qat.rundir.profile import timeline, timeline_text
 
 
 def kernel(name: str, start: int, end: int) -> dict:

@@ -1,4 +1,4 @@
-"""fbqc.qat.shards: FSDP2's optimizer step and clipping on the local shards compute what AdamW and
+"""fbqc.qat.parallel.shards: FSDP2's optimizer step and clipping on the local shards compute what AdamW and
 clip_grad_norm_ compute on the DTensors (one in-process rank here; two processes in
 test_qat_distributed), and the optimizer state stays DTensors (checkpoints unchanged)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from fbqc.qat import dist as D
-from fbqc.qat.shards import LocalShardAdamW, clip_local, local
+from fbqc.qat.parallel import dist as D
+from fbqc.qat.parallel.shards import LocalShardAdamW, clip_local, local
 
 
 @pytest.fixture()

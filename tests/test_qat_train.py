@@ -12,7 +12,7 @@ import fbqc.qat
 from fbqc.data import DATA_FREE_NOTE
 from fbqc.passes import AnnotateLinears, InsertFakeQuant
 from fbqc.qat import Schedule, bits_buffers
-from fbqc.qat.checkpoint import RunError
+from fbqc.qat.rundir.checkpoint import RunError
 from test_qat_toy import one_thread, toy_file
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -172,7 +172,7 @@ def test_run_and_artifact_files_read_with_named_errors(tmp_path):
     error naming the file and the problem (RunError / ArtifactError, both user errors)."""
     from fbqc.artifact import read_manifest
     from fbqc.errors import ArtifactError
-    from fbqc.qat.checkpoint import RunError, read_run
+    from fbqc.qat.rundir.checkpoint import RunError, read_run
 
     with pytest.raises(RunError, match="does not exist"):
         read_run(tmp_path / "nope")

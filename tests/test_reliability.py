@@ -180,11 +180,11 @@ def test_nonfinite_quantized_output_fails_compile_naming_where(tmp_path):
 def test_verify_never_agrees_with_nonfinite_numbers(tmp_path, compiled, monkeypatch):
     import torch
 
-    from fbqc.backends.cpu import backend as cpu
+    from fbqc.reference import Reference      # what a loaded cpu artifact is: the integer reference
 
     art, _ = compiled("sana", 8.0)
     assert run(["verify", str(art)]).exit_code == 0
-    loaded_cls = cpu.CpuArtifact
+    loaded_cls = Reference
     real_run = loaded_cls.run
 
     def inf_run(self, inputs):
@@ -205,7 +205,7 @@ def test_verify_never_agrees_with_nonfinite_numbers(tmp_path, compiled, monkeypa
 def test_a_nonfinite_sampled_block_output_is_no_agreement():
     """A NaN in any output comparison — a sampled htp block's, the emitted C's — fails the verdict too,
     not only the model's own end-to-end rows."""
-    from fbqc.verification import _no_agreement_with_nonfinite
+    from fbqc.artifact_verify import _no_agreement_with_nonfinite
 
     def result(block_finite):
         return {"summary": {"exact": True, "passed": True}, "per_layer": [{"layer": "a", "exact": 1.0}],

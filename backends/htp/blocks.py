@@ -26,13 +26,13 @@ import onnx_ir as ir
 import torch
 import torch.fx as fx
 
+from fbqc.blocks import block_of
 from fbqc.errors import UserError
 from fbqc.program import Program
 from fbqc.spec import QUANT
 from fbqc.stage import Stage
-from fbqc.verifier import QUANT_TARGETS_AT
+from fbqc.stage_contract import QUANT_TARGETS_AT
 
-BLOCK = re.compile(r"(^|\.)\w*blocks\.(\d+)$")
 _LAYER_OPS = QUANT_TARGETS_AT[Stage.INTEGER]          # the integer layer ops
 _Q, _DQ = torch.ops.fbqc.quantize.default, torch.ops.fbqc.dequantize.default
 
@@ -52,20 +52,9 @@ class Block:
         return self.name.rpartition(".")[0]
 
 
-def block_of_path(path: str) -> str | None:
-    """The outermost ``…blocks.N`` prefix of a module path (``transformer_blocks.3.attn1.to_q`` →
-    ``transformer_blocks.3``), or None."""
-    parts = path.split(".")
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if BLOCK.search(prefix):
-            return prefix
-    return None
-
-
 def _stack_block(node: fx.Node) -> str | None:
     for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        b = block_of_path(path)
+        b = block_of(path)
         if b is not None:
             return b
     return None
@@ -78,7 +67,7 @@ def find_blocks(program: Program) -> list[Block]:
     for n in nodes:
         b = _stack_block(n)
         if n.target in _LAYER_OPS and QUANT in n.meta:
-            b = block_of_path(n.meta[QUANT].layer)
+            b = block_of(n.meta[QUANT].layer)
         if b is not None:
             member[n] = b
     for n in nodes:                      # a layer's own quantize / dequantize go with the layer
@@ -252,7 +241,7 @@ class _Recorder(fx.Interpreter):
 def capture(program: Program, inputs: dict[str, Any], blocks: list[Block] = (), codes: bool = True) -> Capture:
     """Run ``program`` on ``inputs`` once (an fx Interpreter that frees values after their last use);
     ``codes``: also record every layer's input and output codes."""
-    from fbqc.backends.cpu.backend import _flat_outputs
+    from fbqc.fx_utils import flat_tensors
 
     gm = program.graph_module
     keep = {n for b in blocks for n in (*b.inputs, *b.outputs)}
@@ -265,7 +254,7 @@ def capture(program: Program, inputs: dict[str, Any], blocks: list[Block] = (), 
         flat = [inputs[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         out = rec.run(*flat, enable_io_processing=False)
-    outputs = _flat_outputs(gm.graph.process_outputs(out))
+    outputs = flat_tensors(gm.graph.process_outputs(out))
     return Capture(outputs, rec.codes,
                    {b.name: {i.name: rec.kept[i] for i in b.inputs} for b in blocks},
                    {b.name: [rec.kept[o] for o in b.outputs] for b in blocks})

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fbqc.spec import QUANT
 from fbqc.stage import Stage
-from fbqc.verifier import QUANT_TARGETS_AT
+from fbqc.stage_contract import QUANT_TARGETS_AT
 
 aten = torch.ops.aten
 _LAYER_OPS = QUANT_TARGETS_AT[Stage.INTEGER]          # the integer layer ops

@@ -100,19 +100,6 @@ def _name_layer_nodes(model: ir.Model, layers: list[LayerInfo]) -> dict[str, str
     return origin
 
 
-def layer_output_codes(model: ir.Model, layers: list[LayerInfo]) -> dict[str, ir.Value]:
-    """Per layer: the value holding its requantized output codes (the last QuantizeLinear's output)."""
-    out = {}
-    for node in model.graph:
-        layer, _, op = node.name.rpartition("/")
-        if layer and op.startswith("QuantizeLinear_"):
-            out[layer] = node.outputs[0]            # the output Q comes after the input Q
-    missing = [li.layer for li in layers if li.layer not in out]
-    if missing:
-        raise RuntimeError(f"no output QuantizeLinear found for layer(s) {', '.join(missing)}")
-    return out
-
-
 def strip_metadata(model: ir.Model) -> None:
     """Stack traces and class paths hold local file paths: drop them (byte-identical artifacts)."""
     for node in model.graph:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fbqc import int_ops
+from fbqc.ops import integer as int_ops
 from fbqc.fx_utils import meta_val
 from fbqc.program import Program
 from fbqc.spec import QUANT, QuantSpec
@@ -188,7 +188,7 @@ def _rewrite_layers(program: Program) -> list[LayerInfo]:
     graph, layers = program.graph, []
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LAYER_OPS]:
         kind, spec = LAYER_OPS[node.target], node.meta[QUANT]
-        xq, sx, zx, wq_n, ws_n, wz_n, b_n, sy, zy, y_qmax = node.args
+        xq, sx, zx, wq_n, ws_n, wz_n, b_n, sy, zy, y_bits = node.args
         (dq,) = node.users
         wq, w_scale = program.attr(wq_n), program.attr(ws_n)
         cont, spread = container_of(spec), 1
@@ -209,10 +209,10 @@ def _rewrite_layers(program: Program) -> list[LayerInfo]:
             b_int = torch.round(program.attr(b_n).to(torch.float32) / b_scale).clamp(-2**31, 2**31 - 1)
             bq = program.add_constant(f"htp.{tag}.bias_int32", b_int.to(torch.int32), before=node)
             bs = program.add_constant(f"htp.{tag}.bias_scale", b_scale, before=node)
-        x, _, _, x_qmax = xq.args
+        x, _, _, x_bits = xq.args
         with graph.inserting_before(node):
-            new = graph.call_function(QDQ_OPS[kind], (x, w, ws_n, z, b_n, bq, bs, sx, zx, x_qmax, sy, zy,
-                                                      y_qmax))
+            new = graph.call_function(QDQ_OPS[kind], (x, w, ws_n, z, b_n, bq, bs, sx, zx, x_bits, sy, zy,
+                                                      y_bits))
         new.meta.update({"val": dq.meta["val"], QUANT: spec})
         dq.replace_all_uses_with(new)
         for dead in (dq, node, xq):

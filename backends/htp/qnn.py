@@ -66,10 +66,6 @@ def versions() -> dict[str, str]:
             "qnn_sdk": getattr(oq.build_and_package_info, "qnn_version", "?")}
 
 
-def library_dir() -> Path:
-    return Path(_runtime()[1].get_library_path()).parent
-
-
 def provider_options(target: Soc, **extra: str) -> dict[str, str]:
     _, oq, _ = _runtime()
     return {"backend_path": oq.get_qnn_htp_path(), "soc_model": str(target.soc_model),

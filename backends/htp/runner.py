@@ -73,9 +73,9 @@ class HtpArtifact:
 
     # --- the cpu reference carried in the artifact ----------------------------------------------
     def reference(self):
-        from ..cpu import CpuBackend
+        from fbqc.reference import Reference
 
-        return CpuBackend().load(self.directory)
+        return Reference(self.directory)
 
     def check_context(self) -> None:
         """The context binary against the manifest's stable hash (its varying bytes masked)."""

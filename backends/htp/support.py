@@ -18,7 +18,7 @@ import torch.fx as fx
 from fbqc.program import Program
 from fbqc.spec import QUANT
 from fbqc.stage import Stage
-from fbqc.verifier import FBQC_OPS_AT
+from fbqc.stage_contract import FBQC_OPS_AT
 
 from ..base import NodeSupport, SupportReport
 from .prepare import LAYER_OPS, symbolic_dims

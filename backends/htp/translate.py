@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset21 as op
 
+from fbqc.quant_math import act_container
+
 __all__ = ["qdq_linear", "qdq_conv1x1", "TRANSLATIONS"]
 
 
@@ -26,8 +28,8 @@ def _const(value: np.ndarray):
     return op.Constant(value=ir.tensor(value))
 
 
-def _act(x_scale: float, x_zp: int, x_qmax: int):
-    zp_type = np.uint8 if x_qmax <= 255 else np.uint16
+def _act(x_scale: float, x_zp: int, x_bits: float):
+    zp_type = np.uint8 if act_container(x_bits).bits <= 8 else np.uint16     # A8 | A16 codes
     return _const(np.array(x_scale, dtype=np.float32)), _const(np.array(x_zp, dtype=zp_type))
 
 
@@ -36,11 +38,11 @@ def _qdq(x, scale, zp):
 
 
 def qdq_linear(x, w_kn, w_scale, w_zero, bias, bias_q, bias_scale, x_scale: float, x_zp: int,
-               x_qmax: int, y_scale: float, y_zp: int, y_qmax: int):
+               x_bits: float, y_scale: float, y_zp: int, y_bits: float):
     k, n = w_kn.shape
     lead = list(x.shape)[:-1]
-    xs, xz = _act(x_scale, x_zp, x_qmax)
-    ys, yz = _act(y_scale, y_zp, y_qmax)
+    xs, xz = _act(x_scale, x_zp, x_bits)
+    ys, yz = _act(y_scale, y_zp, y_bits)
     x2 = op.Reshape(x, _const(np.array([-1, k], dtype=np.int64))) if len(lead) != 1 else x
     w = op.DequantizeLinear(w_kn, w_scale, w_zero, axis=1)
     xd = _qdq(x2, xs, xz)
@@ -54,9 +56,9 @@ def qdq_linear(x, w_kn, w_scale, w_zero, bias, bias_q, bias_scale, x_scale: floa
 
 
 def qdq_conv1x1(x, w, w_scale, w_zero, bias, bias_q, bias_scale, x_scale: float, x_zp: int,
-                x_qmax: int, y_scale: float, y_zp: int, y_qmax: int):
-    xs, xz = _act(x_scale, x_zp, x_qmax)
-    ys, yz = _act(y_scale, y_zp, y_qmax)
+                x_bits: float, y_scale: float, y_zp: int, y_bits: float):
+    xs, xz = _act(x_scale, x_zp, x_bits)
+    ys, yz = _act(y_scale, y_zp, y_bits)
     wd = op.DequantizeLinear(w, w_scale, w_zero, axis=0)
     xd = _qdq(x, xs, xz)
     if bias_q is not None:

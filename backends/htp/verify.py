@@ -28,6 +28,7 @@ import onnx_ir as ir
 import torch
 
 from fbqc.agreement import end_to_end, output_lsb
+from fbqc.quant_math import act_container, act_qmax
 
 from .qnn_compile import CTX_FILE, QDQ_FILE
 from .simjobs import SimJob, SimResult, run_jobs
@@ -75,12 +76,13 @@ def summarize(rows: list[CodeAgreement]) -> dict[str, Any]:
 
 
 def _layer_args(ref, node) -> dict[str, Any]:
-    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_qmax"]
+    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_bits"]
     return dict(zip(names, ref.constants(node)))
 
 
-def _bits(qmax: int) -> int:
-    return 8 if qmax <= 255 else 16
+def _bits(act_bits: float) -> int:
+    """8 (A8) or 16 (A16): the activation codes' container."""
+    return act_container(act_bits).bits
 
 
 def _codes2d(t: torch.Tensor, kind: str) -> np.ndarray:
@@ -130,7 +132,7 @@ def teacher_forced_rows(ref, codes, kinds, results: list[SimResult]) -> tuple[li
     rows = []
     for name, node in ref.layers().items():
         a = _layer_args(ref, node)
-        rows.append(compare_codes(name, _bits(a["y_qmax"]), outs[f"{name}:y"],
+        rows.append(compare_codes(name, _bits(a["y_bits"]), outs[f"{name}:y"],
                                   _codes2d(codes[name]["yq"], kinds[name]), a["y_zp"]))
     info = {"compile_seconds": sum(r.compile_seconds for r in results),
             "run_seconds": sum(r.run_seconds for r in results),
@@ -148,9 +150,9 @@ def free_rows(ref, layers: list[str], outs: dict[str, np.ndarray], names: dict[s
     for name in layers:
         a = _layer_args(ref, nodes[name])
         y = outs[names[name]].astype(np.float64)
-        got = np.clip(np.rint(y / np.float32(a["y_scale"])) + a["y_zp"], 0, a["y_qmax"])
+        got = np.clip(np.rint(y / np.float32(a["y_scale"])) + a["y_zp"], 0, act_qmax(a["y_bits"]))
         want = codes[name]["yq"].to(torch.int64).numpy()
-        rows.append(compare_codes(name, _bits(a["y_qmax"]), got.reshape(want.shape), want, a["y_zp"]))
+        rows.append(compare_codes(name, _bits(a["y_bits"]), got.reshape(want.shape), want, a["y_zp"]))
     return rows
 
 

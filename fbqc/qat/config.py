@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import dist as D
-from .student import ACT_MODES
+from .parallel import dist as D
+from .students.program import ACT_MODES
 
 
 #: settings a resumed run may change (where and how it runs, not what it computes)

@@ -1,12 +1,12 @@
 """Scheduled fractional-bit QAT with knowledge distillation: ``fbqc.qat.train`` / ``train_modules``.
 
-Two students, one loop (:func:`_run`, over a :mod:`fbqc.qat.runtime`):
+Two students, one loop (:func:`_run`, over a :mod:`fbqc.qat.students.adapters`):
 
 - :func:`train`: the FAKE_QUANT program in one process (its graph module trains; the schedule writes
   its weight-bits buffers); each sample of ``data`` is one batch shaped like the exported example
   inputs (the graph's shapes are static).
-- :func:`train_modules`: the module student (:mod:`fbqc.qat.modules`) over ``nproc`` processes with
-  DDP or FSDP2 (:mod:`fbqc.qat.dist`); ``batch`` samples make one global batch, split over them.
+- :func:`train_modules`: the module student (:mod:`fbqc.qat.students.modules`) over ``nproc`` processes with
+  DDP or FSDP2 (:mod:`fbqc.qat.parallel.dist`); ``batch`` samples make one global batch, split over them.
 
 The teacher is the frozen float model. Loss = MSE(student(x), teacher(x)) on the same batch,
 averaged over the outputs, plus an optional task loss.
@@ -27,20 +27,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fbqc import data as S
 from fbqc.data import _check_like
+from fbqc.passes.insert_fake_quant import bits_buffers
+from fbqc.fx_utils import flat_tensors
 from fbqc.program import Program
 from fbqc.spec import QuantSpec
 
-from . import checkpoint as ck
-from . import dist as D
-from . import stream as S
 from .config import EXECUTION, TrainConfig
-from .plot import plot_loss
-from .profile import StepProfiler
-from .runtime import ModuleRuntime, ProgramRuntime, describe
+from .parallel import dist as D
+from .rundir import checkpoint as ck
+from .rundir.plot import plot_loss
+from .rundir.profile import StepProfiler
+from .rundir.summary import summarize, summary_text
 from .schedule import Schedule
-from .student import bits_buffers, check_student, default_scheduled, set_bits
-from .summary import summarize, summary_text
+from .students.adapters import ModuleAdapter, ProgramAdapter, describe
+from .students.program import check_student, default_scheduled, set_bits
 from fbqc.signals import Stop, StopAtStepEnd
 
 
@@ -54,13 +56,8 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _flat(out) -> list[torch.Tensor]:
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
 def kd_loss(student_out, teacher_out) -> torch.Tensor:
-    s, t = _flat(student_out), _flat(teacher_out)
+    s, t = flat_tensors(student_out, detach=False), flat_tensors(teacher_out, detach=False)
     if len(s) != len(t) or not s:
         raise ValueError(f"student has {len(s)} tensor outputs, teacher {len(t)}")
     for a, b in zip(s, t):
@@ -109,15 +106,15 @@ def train(program: Program, teacher, data: Iterable[dict] | Callable[[], Iterabl
     layers = (list(scheduled_layers) if scheduled_layers is not None
               else default_scheduled(program, sched.final_bits))
 
-    def runtime():
+    def adapter():
         buffers = bits_buffers(program)
         if cfg.act_quant == "static":
             _calibrate_static(program, factory, cfg.calib_samples, sched.bits_at(0), layers, buffers)
-        return ProgramRuntime(program, None if cfg.teacher_cache else teacher, device, act_quant=cfg.act_quant,
+        return ProgramAdapter(program, None if cfg.teacher_cache else teacher, device, act_quant=cfg.act_quant,
                               blocks_only=cfg.blocks_only, compile=cfg.compile)
 
     factory, note = S.source(data, data_note, program.example_inputs, cfg.seed)
-    result = _run(runtime, D.World(), cfg, sched, layers, factory, note, program.example_inputs, out=out,
+    result = _run(adapter, D.World(), cfg, sched, layers, factory, note, program.example_inputs, out=out,
                   resume=resume, task_loss=task_loss, source=source, stop_after=stop_after,
                   progress=progress, log=log, report=report)
     result.program = program
@@ -131,7 +128,7 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
                   task_loss: Callable[[dict, Any], torch.Tensor] | None = None, data_note: str | None = None,
                   source: dict[str, Any] | None = None, stop_after: int | None = None, progress: bool = True,
                   log: Callable[[str], None] | None = None, report: bool = True, **config: Any) -> TrainResult:
-    """Train the eager ``model`` with ``specs`` applied (the module student, :mod:`fbqc.qat.modules`)
+    """Train the eager ``model`` with ``specs`` applied (the module student, :mod:`fbqc.qat.students.modules`)
     data-parallel over ``nproc`` processes (``strategy`` ddp or fsdp; under torchrun for nproc > 1).
 
     The teacher is a frozen float copy of ``model`` made before the specs are applied. Each batch of
@@ -150,12 +147,12 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
     world, device = D.init(cfg.nproc, cfg.device)
     torch.manual_seed(cfg.seed)     # the same float model and teacher copy on every process
 
-    def runtime():
-        return ModuleRuntime(model, specs, world, device, cfg)
+    def adapter():
+        return ModuleAdapter(model, specs, world, device, cfg)
 
     factory, note = S.source(data, data_note, example_inputs, cfg.seed)
     try:
-        return _run(runtime, world, cfg, sched, layers, factory, note, example_inputs, out=out, resume=resume,
+        return _run(adapter, world, cfg, sched, layers, factory, note, example_inputs, out=out, resume=resume,
                     task_loss=task_loss, source=source, stop_after=stop_after,
                     progress=progress and world.main, log=log if world.main else (lambda s: None),
                     report=report and world.main)
@@ -163,7 +160,7 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
         world.close()
 
 
-def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers: list[str], factory, note: str,
+def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers: list[str], factory, note: str,
          example: dict, *, out, resume, task_loss, source, stop_after, progress, log, report) -> TrainResult:
     log = log or (tqdm.write if progress else (lambda s: None))
     out = Path(out) if out is not None else None
@@ -177,7 +174,7 @@ def _run(make_runtime, world: D.World, cfg: TrainConfig, sched: Schedule, layers
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    rt = make_runtime()
+    rt = make_adapter()
     if not rt.params:
         raise ValueError("no trainable parameters (blocks_only found no *blocks.N. parameters)")
     unknown = [x for x in layers if x not in rt.bits]

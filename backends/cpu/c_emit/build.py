@@ -13,7 +13,7 @@ import torch
 
 from fbqc.errors import ArtifactError
 
-from .generator import C_DIR, DEFAULT_CFLAGS
+from .files import C_DIR, DEFAULT_CFLAGS
 
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
              "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}

@@ -2,7 +2,7 @@
 
 1. Per layer, teacher-forced: the program runs with ``--feed`` (each quantized layer reads the
    reference's own input codes) and ``--dump``; its int32 accumulators must equal the reference
-   kernel's (``fbqc.int_ops.int_matmul`` of the same codes) and its output codes the reference's.
+   kernel's (``fbqc.ops.integer.int_matmul`` of the same codes) and its output codes the reference's.
 2. End to end: the free-running program's outputs against the in-process reference's and the
    fake-quant model's (max abs and relative error); also how many codes each layer reproduces
    free-running (float ops in C and PyTorch differ in the last bits, which moves a few codes).
@@ -19,10 +19,10 @@ import torch
 
 from fbqc.agreement import end_to_end
 from fbqc.errors import ArtifactError
-from fbqc.int_ops import int_matmul
+from fbqc.ops.integer import int_matmul
 
 from .build import build, compiler, read_dump, read_tensors, run, write_codes
-from .generator import INPUTS_FILE, WEIGHTS_FILE
+from .files import INPUTS_FILE, WEIGHTS_FILE
 
 
 def reference_acc(kind: str, args: list[Any], xq: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def check_hashes(directory: Path, section: dict[str, Any]) -> None:
 
 def check_emitted_c(directory: Path, loaded, io: dict[str, Any], section: dict[str, Any], *,
                     cflags: str | None = None, keep: Path | None = None) -> dict[str, Any]:
-    """Build the artifact's C program and compare it with ``loaded`` (a CpuArtifact)."""
+    """Build the artifact's C program and compare it with ``loaded`` (the integer reference, fbqc.reference.Reference)."""
     directory = Path(directory)
     if compiler() is None:
         return {"skipped": "no C compiler found (set CC)", "exact": None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fbqc.errors import UserError
-from fbqc.int_ops import code_dtype
+from fbqc.quant_math import act_container, act_qmax
 from fbqc.spec import QUANT
 
 from ..context import DTYPE_ENUM, bind, literal
@@ -29,9 +29,9 @@ def quantize(g, node):
     x = g.tensor(a["x"])
     if x.dtype != torch.float32:
         raise UserError(f"--emit-c: node {node.name} quantizes a {x.dtype} tensor; expected float32")
-    out = g.out(node, dtype=code_dtype(a["qmax"]))
+    out = g.out(node, dtype=act_container(a["bits"]).dtype)
     g.line(f"fbqc_quantize({out.ptr}, {_code_enum(out.dtype)}, {x.ptr}, {x.numel}, "
-           f"{literal(a['scale'], 'float')}, {int(a['zero_point'])}, {int(a['qmax'])});")
+           f"{literal(a['scale'], 'float')}, {int(a['zero_point'])}, {act_qmax(a['bits'])});")
     return out
 
 
@@ -79,11 +79,11 @@ def _layer(g, node, kind: str) -> tuple[int, object, int]:
         "w_scale": _constant(g, node, a["w_scale"], "weight scale", layer, dtype=torch.float32, numel=n),
         "w_zp": _constant(g, node, a["w_zp"], "weight zero point", layer, dtype=torch.int32, numel=n),
         "bias": _constant(g, node, a["bias"], "bias", layer, dtype=torch.float32, numel=n),
-        "x_dtype": xq.dtype, "y_dtype": code_dtype(a["y_qmax"]),
+        "x_dtype": xq.dtype, "y_dtype": act_container(a["y_bits"]).dtype,
         "x_scale": a["x_scale"], "x_zp": int(a["x_zp"]), "y_scale": a["y_scale"],
-        "y_zp": int(a["y_zp"]), "y_qmax": int(a["y_qmax"]),
+        "y_zp": int(a["y_zp"]), "y_qmax": act_qmax(a["y_bits"]),
     }
-    if xq.dtype != code_dtype(255) and xq.dtype != code_dtype(65535):
+    if xq.dtype not in (act_container(8).dtype, act_container(16).dtype):
         raise UserError(f"--emit-c: layer {layer}: input codes of type {xq.dtype}")
     g.layers.append(entry)
     return len(g.layers) - 1, xq, k

@@ -1,4 +1,5 @@
-"""``emit_c``: write the standalone C program of an INTEGER program into an artifact directory.
+"""The files of the C program: ``emit_c`` writes the standalone C program of an INTEGER program into an
+artifact directory (the body of ``c/model.c`` comes from ``walker.py``).
 
 Files written (relative to the artifact directory)::
 
@@ -25,7 +26,7 @@ from fbqc.errors import UserError
 from fbqc.program import Program
 from fbqc.stage import Stage
 
-from .codegen import CodeGen
+from .walker import GraphWalker
 from .context import DTYPE_ENUM
 from .ops.quantized import layer_initializer
 from .readme import readme
@@ -61,7 +62,7 @@ def emit_c(program: Program, out_dir: Path, *, inputs: dict[str, Any] | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     cflags = normalize_cflags(cflags)
     weights = WeightTable()
-    gen = CodeGen(program, weights)
+    gen = GraphWalker(program, weights)
     body = gen.run()
     wdesc = weights.write(out_dir / WEIGHTS_FILE)
     name = program.info.get("module", "model")
@@ -132,7 +133,7 @@ def _table(ctype: str, name: str, rows: list[str]) -> list[str]:
     return [f"static {ctype} {name}[] = {{", *rows, "};", ""]
 
 
-def _model_c(name: str, weights: WeightTable, gen: CodeGen, body: list[str], ins, outs) -> str:
+def _model_c(name: str, weights: WeightTable, gen: GraphWalker, body: list[str], ins, outs) -> str:
     io_rows = lambda rows: [f'    {{"{r["name"]}", {r["enum"]}, {r["numel"]}, "{"x".join(map(str, r["shape"])) or "scalar"}"}},'
                             for r in rows]
     lines = [

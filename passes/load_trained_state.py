@@ -14,7 +14,7 @@ from fbqc.program import Program
 from fbqc.spec import QUANT
 from fbqc.stage import Stage
 
-from .student import bits_buffers
+from .insert_fake_quant import bits_buffers
 
 
 class LoadTrainedState(Pass):

@@ -5,11 +5,11 @@ from collections import Counter
 from typing import Any
 
 
-def _mb(n: float) -> str:
+def mb(n: float) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -21,39 +21,11 @@ def _bits_mix(layers: list[dict]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(mix.items()))
 
 
-def _placement(b: dict[str, Any]) -> str | None:
-    """An htp artifact's placement: nodes on the HTP vs the CPU (None: the backend records none)."""
-    p = b.get("placement")
-    if not p:
-        return None
-    on = p["by_execution_provider"].get("QNNExecutionProvider", 0)
-    return f"{on:,} of {p['nodes']:,} ONNX nodes on the HTP ({p['soc']}, v{p['htp_arch']}), {p['cpu_nodes']} on the CPU"
+def backend_lines(section: dict[str, Any], short: bool) -> list[tuple[str, str]]:
+    """What the artifact's backend says of its manifest section (its ``describe_artifact``), if anything."""
+    from .plugins import describe_artifact
 
-
-def _context_binary(b: dict[str, Any]) -> str | None:
-    c = b.get("context_binary")
-    if not c and "model_ctx_qnn.bin" in b.get("sizes", {}):
-        c = {"file": "model_ctx_qnn.bin", "bytes": b["sizes"]["model_ctx_qnn.bin"]}
-    if not c:
-        return None
-    if isinstance(c, list):          # a model split into several QNN contexts
-        return (f"{len(c)} contexts, {_mb(sum(e['bytes'] for e in c))} in all ("
-                + ", ".join(f"{e['file']} {_mb(e['bytes'])}" for e in c) + "); stable sha256 "
-                + ", ".join(e["stable_sha256"][:12] + "…" for e in c))
-    line = f"{c['file']} {_mb(c['bytes'])}"
-    if "stable_sha256" in c:
-        line += f", stable sha256 {c['stable_sha256'][:12]}… ({c['varying_bytes']:,} varying bytes masked)"
-    return line
-
-
-def _binary(b: dict[str, Any]) -> str | None:
-    """An htp binary's bits per quantized weight and where its bytes go (backends/htp/sizes.py)."""
-    x = b.get("binary")
-    if not x or not x.get("bits_per_quantized_weight"):
-        return None
-    top = sorted(((v, k) for k, v in x["bytes"].items() if v), reverse=True)[:3]
-    parts = ", ".join(f"{k.split('_')[0]} {v / 1e6:,.1f}" for v, k in top)
-    return f"{x['bits_per_quantized_weight']:.2f} bits/quantized weight ({parts} MB)"
+    return describe_artifact(section, short)
 
 
 def _run(r: dict[str, Any]) -> str:
@@ -69,7 +41,7 @@ def compile_summary(result: dict[str, Any]) -> str:
         ["backend", f"{m['backend']['name']} ({m['backend']['version']})"],
         ["layers quantized", f"{len(m['layers'])} ({_bits_mix(m['layers'])})"],
         ["params quantized", f"{s['quantized_params']:,} of {s['params']:,} ({100 * s['quantized_fraction']:.1f} %)"],
-        ["size", f"{_mb(s['float_bytes'])} → {_mb(s['bytes_after'])}"],
+        ["size", f"{mb(s['float_bytes'])} → {mb(s['bytes_after'])}"],
         ["bits / quantized param", f"{s['bits_per_quantized_param']:.3f} (storage incl. scales; "
                                    f"{s['mean_weight_bits']:.3g} logical)"],
         ["calibration", f"{m['calibration']['samples']} samples, {m['calibration']['observer']}"],
@@ -77,11 +49,10 @@ def compile_summary(result: dict[str, Any]) -> str:
         ["integer vs float", f"max abs {e2e_f['max_abs']:.3g}, rel {e2e_f['rel_error']:.3g}"],
         ["time", f"{result['timings']['total']:.1f} s, peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB"],
     ]
-    extra = [["placement", _placement(m["backend"])], ["context binary", _context_binary(m["backend"])],
-             ["binary bytes", _binary(m["backend"])],
-             ["trained in run", _run(m["run"]) if m.get("run") else None]]
+    extra = [[label, text] for label, text in backend_lines(m["backend"], short=False)]
+    extra.append(["trained in run", _run(m["run"]) if m.get("run") else None])
     rows[2:2] = [r for r in extra if r[1]]
-    return _table(["compile", ""], rows)
+    return table(["compile", ""], rows)
 
 
 def verify_summary(result: dict[str, Any], all_layers: bool = False) -> str:
@@ -90,7 +61,7 @@ def verify_summary(result: dict[str, Any], all_layers: bool = False) -> str:
     shown = rows if all_layers else rows[:10]
     lines = [f"{result['artifact']} ({result['backend']}): {s['layers']} layers, {s['elements']:,} outputs, "
              f"teacher-forced"]
-    lines.append(_table(
+    lines.append(table(
         ["layer", "elements", "acc ≠", "contract ≠", "= fake-quant", "ties", "other", "max LSB"],
         [[r["layer"], r["elements"], r["acc_mismatches"], r["contract_mismatches"], r["fq_equal"],
           r["fq_ties"], r["fq_other"], r["max_lsb"]] for r in shown]))
@@ -104,7 +75,15 @@ def verify_summary(result: dict[str, Any], all_layers: bool = False) -> str:
             lsb = f", {100 * r['within_1lsb']:.3f} % within 1 LSB" if r.get("within_1lsb") is not None else ""
             lines.append(f"end to end vs {name} (output {r['output']}): max abs {r['max_abs']:.4g}, "
                          f"rel {r['rel_error']:.4g}{lsb}")
-    lines.append("AGREE" if s["exact"] else "DISAGREE")
+    ref = result.get("vs_reference")             # a backend that is not the reference itself
+    if ref:
+        lines.append(f"free-running vs the integer reference: {100 * ref['input_codes_identical']:.3f} % of layer "
+                     f"input codes identical (max diff {ref['input_codes_max_diff']})")
+        for r in ref["end_to_end"]:
+            lsb = f", {100 * r['within_1lsb']:.3f} % within 1 LSB" if r.get("within_1lsb") is not None else ""
+            lines.append(f"end to end vs the integer reference (output {r['output']}): max abs {r['max_abs']:.4g}, "
+                         f"rel {r['rel_error']:.4g}{lsb} — {'ok' if ref['exact'] else 'FAILS'} (goal: {ref['goal']})")
+    lines.append("AGREE" if s["exact"] and (not ref or ref["exact"]) else "DISAGREE")
     return "\n".join(lines)
 
 
@@ -114,15 +93,15 @@ def inspect_summary(m: dict[str, Any]) -> str:
              f"backend  {m['backend']['name']} ({m['backend']['version']})",
              f"flags    " + ", ".join(f"{k}={v}" for k, v in m["flags"].items() if v not in (None, (), [], {})),
              f"inputs   " + ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in m["inputs"].items()),
-             f"size     {_mb(s['float_bytes'])} → {_mb(s['bytes_after'])}, "
+             f"size     {mb(s['float_bytes'])} → {mb(s['bytes_after'])}, "
              f"{s['bits_per_quantized_param']:.3f} bits per quantized param",
              "stages   " + " → ".join(f"{st['pass']}" for st in m["stages"])]
-    for label, text in (("run", _run(m["run"]) if m.get("run") else None), ("htp", _placement(m["backend"])),
-                        ("context", _context_binary(m["backend"])), ("binary", _binary(m["backend"]))):
+    for label, text in (("run", _run(m["run"]) if m.get("run") else None),
+                        *backend_lines(m["backend"], short=True)):
         if text:
             lines.insert(1 if label == "run" else len(lines), f"{label:<8} {text}")
     lines.append("")
-    lines.append(_table(["layer", "kind", "bits", "levels", "container", "act", "shape", "params"],
+    lines.append(table(["layer", "kind", "bits", "levels", "container", "act", "shape", "params"],
                         [[r["layer"], r["kind"], f"{r['weight_bits']:g}", f"{r['levels'][0]}…{r['levels'][1]}",
                           r["container"], f"A{r['act_bits_in']}", "×".join(map(str, r["shape"])),
                           f"{r['params']:,}"] for r in m["layers"]]))

@@ -1,7 +1,7 @@
 """Data-parallel QAT on the GPUs (or CPU processes) of one host: process group, wrapping, full state.
 
 ``fbqc train --nproc N`` re-launches itself through ``torchrun`` (:func:`launch`); each process then
-trains the module student (:mod:`fbqc.qat.modules`) on its slice of every batch, wrapped by
+trains the module student (:mod:`fbqc.qat.students.modules`) on its slice of every batch, wrapped by
 :func:`wrap`:
 
 - ``ddp``: ``DistributedDataParallel`` — parameters and optimizer state replicated, gradients averaged.

@@ -6,7 +6,7 @@ user's module hierarchy: each annotated ``nn.Linear`` / pointwise ``nn.Conv2d`` 
 :class:`FakeQuantLinear` / :class:`FakeQuantConv2d` *in place* (its class is swapped, so parameter
 names, the state dict and ``fbqc compile RUN_DIR``'s loading are unchanged) whose forward is the same
 fake quant the program runs — weight per channel, activation on the input and the output — through
-the fusible functions of :mod:`fbqc.qat.fused`. The specs come from the same
+the fusible functions of :mod:`fbqc.ops.fused`. The specs come from the same
 :class:`~fbqc.passes.AnnotateLinears` rule (``spec_for``) as the exported program: one source of truth.
 
 Bit-widths live in 0-d non-persistent float64 buffers on each layer (``fbqc_w_bits``); the schedule
@@ -14,22 +14,15 @@ writes them with ``fill_``.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
+from fbqc.blocks import is_block, is_pointwise
+from fbqc.ops.fused import fq_act_dynamic, fq_weight
 from fbqc.spec import QuantSpec
-
-from . import ops  # noqa: F401  registers fbqc::fake_quant_act_dynamic
-from .fused import fq_act_dynamic, fq_weight
 
 __all__ = ["FakeQuantLinear", "FakeQuantConv2d", "annotate_modules", "quantize_modules", "module_bits",
            "block_modules"]
-
-#: a transformer block: the FSDP2 / activation-checkpointing / compile unit
-BLOCK = re.compile(r"(^|\.)\w*blocks\.\d+$")
-
 
 class _FakeQuantMixin:
     fbqc_spec: QuantSpec
@@ -67,8 +60,7 @@ class FakeQuantConv2d(_FakeQuantMixin, torch.nn.Conv2d):
 
 
 def _pointwise(m: torch.nn.Conv2d) -> bool:
-    return (tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1) and m.groups == 1
-            and tuple(m.dilation) == (1, 1) and m.padding in ((0, 0), "valid"))
+    return is_pointwise(m.weight.shape, m.stride, m.padding, m.dilation, m.groups)
 
 
 def annotate_modules(model: torch.nn.Module, annotate) -> dict[str, QuantSpec]:
@@ -94,7 +86,7 @@ def quantize_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], act_qu
     """In place: turn the layers named in ``specs`` into fake-quant layers; returns their bits buffers.
 
     ``act_quant``: ``dynamic`` (per-sample, what training uses) or ``none``. ``fused=False`` calls the
-    opaque registered ops instead of :mod:`fbqc.qat.fused` (same values; for comparisons).
+    opaque registered ops instead of :mod:`fbqc.ops.fused` (same values; for comparisons).
     """
     if act_quant not in ("dynamic", "none"):
         raise ValueError(f"the module student supports --act-quant dynamic or none, got {act_quant!r} "
@@ -124,5 +116,6 @@ def module_bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def block_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The transformer blocks (``…blocks.N``), outermost first; FSDP2 shards and checkpoints them."""
-    return [(n, m) for n, m in model.named_modules() if BLOCK.search(n)]
+    """The transformer blocks (``…blocks.N``, :func:`fbqc.blocks.is_block`), outermost first; FSDP2
+    shards, checkpoints and compiles them."""
+    return [(n, m) for n, m in model.named_modules() if is_block(n)]

@@ -1,6 +1,7 @@
-"""The code generator: walks an INTEGER program's graph and asks each op's emitter for C lines.
+"""The graph walker: walks an INTEGER program's graph and asks each op's emitter for the C lines of
+``c/model.c``'s body (``files.py`` writes them, with every other file, into the artifact).
 
-Emitters (``ops/*.py``) call back into :class:`CodeGen` for operands (:meth:`tensor`), result buffers
+Emitters (``ops/*.py``) call back into :class:`GraphWalker` for operands (:meth:`tensor`), result buffers
 (:meth:`out`), aliases and strided copies (:meth:`view`, :meth:`copy`) and elementwise loops
 (:meth:`elementwise`). After the walk, ``free()`` calls are placed after the last reader of each
 buffer.
@@ -22,7 +23,7 @@ from .registry import emitter_for
 from .weights import WeightTable
 
 
-class CodeGen:
+class GraphWalker:
     def __init__(self, program: Program, weights: WeightTable):
         self.program = program
         self.weights = weights

@@ -1,28 +1,24 @@
-"""The student: a FAKE_QUANT program whose weights train and whose bit-widths live in 0-d buffers.
+"""The program student: a FAKE_QUANT program whose weights train and whose bit-widths live in 0-d buffers.
 
-``bits_buffers`` finds each layer's ``fbqc_<layer>_w_bits`` buffer (read by ``fake_quant_weight``); the
-schedule writes them with ``fill_`` — the graph is never re-exported or recompiled. ``training_view``
-is a copy of the program's graph (sharing its tensors) whose activation quantizers are what training
-uses: per-sample dynamic (``fbqc::fake_quant_act_dynamic``), the static calibrated ones, or none.
+Each layer's weight bit-width is a ``fbqc_<layer>_w_bits`` buffer (read by ``fake_quant_weight``,
+found by :func:`fbqc.passes.insert_fake_quant.bits_buffers`); the schedule writes them with
+``fill_`` — the graph is never re-exported or recompiled. ``training_view`` is a copy of the
+program's graph (sharing its tensors) whose activation quantizers are what training uses:
+per-sample dynamic (``fbqc::fake_quant_act_dynamic``), the static calibrated ones, or none.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
 
+from fbqc.ops.fused import fq_act, fq_act_dynamic, fq_weight
 from fbqc.program import Program
-from fbqc.spec import LAYER, QUANT
+from fbqc.spec import QUANT
 from fbqc.stage import Stage
-
-from . import ops  # noqa: F401  registers fbqc::fake_quant_act_dynamic
-from .fused import fq_act, fq_act_dynamic, fq_weight
 
 fbqc = torch.ops.fbqc
 ACT_MODES = ("dynamic", "static", "none")
-#: parameters trained with ``blocks_only``: those inside the transformer blocks
-BLOCKS = re.compile(r"(^|\.)\w*blocks\.\d+\.")
 
 
 def check_student(program: Program) -> None:
@@ -30,15 +26,6 @@ def check_student(program: Program) -> None:
         got = program.stage if isinstance(program, Program) else type(program).__name__
         raise ValueError(f"the student must be a FAKE_QUANT Program (after AnnotateLinears + "
                          f"InsertFakeQuant), got {got}")
-
-
-def bits_buffers(program: Program) -> dict[str, torch.Tensor]:
-    """``{layer: its 0-d weight-bits buffer}`` in graph order."""
-    out = {}
-    for n in program.graph.nodes:
-        if n.op == "call_function" and n.target == fbqc.fake_quant_weight.default:
-            out[n.meta[LAYER]] = program.attr(n.args[1])
-    return out
 
 
 def default_scheduled(program: Program, final_bits: float) -> list[str]:
@@ -105,7 +92,7 @@ FUSED = {fbqc.fake_quant_weight.default: fq_weight, fbqc.fake_quant_act.default:
 
 
 def fuse(view: Program) -> Program:
-    """In place: call the fusible fake quant (:mod:`fbqc.qat.fused`) instead of the opaque ops."""
+    """In place: call the fusible fake quant (:mod:`fbqc.ops.fused`) instead of the opaque ops."""
     for n in view.graph.nodes:
         if n.op == "call_function" and n.target in FUSED:
             n.target = FUSED[n.target]
@@ -116,7 +103,7 @@ def fuse(view: Program) -> Program:
 def training_view(program: Program, act_quant: str, device: torch.device | str | None = None,
                   fused: bool = True) -> Program:
     """A copy of the graph (same tensors) with the activation quantizers used in training;
-    ``fused``: through :mod:`fbqc.qat.fused` (what ``torch.compile`` fuses) instead of the ops."""
+    ``fused``: through :mod:`fbqc.ops.fused` (what ``torch.compile`` fuses) instead of the ops."""
     if act_quant not in ACT_MODES:
         raise ValueError(f"act_quant must be one of {', '.join(ACT_MODES)}, got {act_quant!r}")
     view = _act_view(retarget(program.copy(), device), act_quant)

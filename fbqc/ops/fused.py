@@ -3,8 +3,8 @@
 The registered ops (``fbqc::fake_quant_weight``, ``fake_quant_act``, ``fake_quant_act_dynamic``) are
 opaque to ``torch.compile``: inductor calls them as fallback kernels, each materialising fp32 copies
 (the straightforward fake quant that costs 1.3–1.5× a compiled step). The functions here compute the
-*same* values with the same code (:func:`fbqc.fake_quant.weight_value`, :func:`~fbqc.fake_quant.act_value`,
-:func:`fbqc.qat.ops.dynamic_act_value`) but dynamo traces through them, so inductor fuses the
+*same* values with the same code (:func:`fbqc.ops.fake_quant.weight_value`, :func:`~fbqc.ops.fake_quant.act_value`,
+:func:`fbqc.ops.dynamic.dynamic_act_value`) but dynamo traces through them, so inductor fuses the
 per-channel max-reduce, round and clamp into the surrounding kernels (the weight's bf16 cast, the
 norm before an activation) — Triton on CUDA, C++ on CPU. Backward is the straight-through estimator
 (clipped to the grid for static activation scales, the mask recomputed from ``x`` instead of stored).
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from fbqc.fake_quant import act_inside, act_value, weight_value
-
-from .ops import dynamic_act_value
+from .dynamic import dynamic_act_value
+from .fake_quant import act_inside, act_value, weight_value
 
 __all__ = ["fq_weight", "fq_act", "fq_act_dynamic", "compile_options"]
 

@@ -17,12 +17,12 @@ import torch
 from fbqc.errors import UserError
 from fbqc.frontend import export_model_file, load_model_file
 from fbqc.pass_infra import PassManager
+from fbqc.passes import LoadTrainedState
 from fbqc.pipeline import CompileOptions, build_passes, compile_model
 
-from . import checkpoint as ck
-from .load import LoadTrainedState
-from .schedule import Schedule
 from .config import EXECUTION, TrainConfig
+from .rundir import checkpoint as ck
+from .schedule import Schedule
 from .train import TrainResult, train, train_modules
 
 #: CompileOptions fields a run fixes (the student's annotation); the rest may differ at compile time
@@ -51,7 +51,7 @@ def _split(specs: dict, annotate) -> tuple[list[str], dict[str, float]]:
 def prepare_modules(model_file: str | Path, opts: CompileOptions):
     """(eager float model, {layer: QuantSpec}, model file, example inputs, scheduled layers, fixed layers)
     for the module student: the same annotation rule, applied to the model's modules (no export)."""
-    from .modules import annotate_modules
+    from .students.modules import annotate_modules
 
     mf = load_model_file(model_file, preset=opts.preset, checkpoint=opts.checkpoint)
     model = mf.call("model")

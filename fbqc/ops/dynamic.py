@@ -1,7 +1,8 @@
 """``fbqc::fake_quant_act_dynamic``: per-sample dynamic activation fake quant (the paper's GPU setting).
 
 Unsigned asymmetric, one (scale, zero point) per sample along dim 0, computed from that sample's own
-range (which always holds 0), with the same level set and rounding as :func:`fbqc.fake_quant.act_codes`::
+range (which always holds 0), with the same level set and rounding as :func:`fbqc.ops.fake_quant.act_codes`
+(the formulas are :func:`fbqc.quant_math.asym_qparams_t` and :func:`~fbqc.quant_math.wide_qmax_t`)::
 
     lo, hi = min(min x_i, 0), max(max x_i, 0)       per sample i
     qmax   = floor(2**b) - 1;  S = (hi - lo) / qmax (S = 1 where hi == lo)
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from fbqc.fake_quant import _bound, _clamp0, act_value
+from fbqc.quant_math import asym_qparams_t, wide_qmax_t
+
+from .fake_quant import act_value
 
 __all__ = ["fake_quant_act_dynamic", "dynamic_act_qparams", "dynamic_act_value", "memory_order"]
 
@@ -33,13 +36,9 @@ def dynamic_act_qparams(x: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tens
     x = memory_order(x.detach()).to(torch.float32)
     dims = list(range(1, x.dim()))
     shape = (x.shape[0],) + (1,) * len(dims)
-    lo = x.amin(dim=dims).clamp(max=0.0).reshape(shape) if dims else x.clamp(max=0.0)
-    hi = x.amax(dim=dims).clamp(min=0.0).reshape(shape) if dims else x.clamp(min=0.0)
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = _clamp0(torch.round(-lo / scale), qmax)
-    return scale, zp
+    lo = x.amin(dim=dims).reshape(shape) if dims else x
+    hi = x.amax(dim=dims).reshape(shape) if dims else x
+    return asym_qparams_t(lo, hi, wide_qmax_t(bits))
 
 
 def dynamic_act_value(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

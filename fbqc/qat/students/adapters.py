@@ -1,8 +1,10 @@
-"""What the training loop trains: the program student (one process) or the module student (DDP/FSDP2).
+"""What the training loop trains: an adapter per student — :class:`ProgramAdapter` (the program
+student, :mod:`.program`, one process) or :class:`ModuleAdapter` (the module student, :mod:`.modules`,
+DDP/FSDP2).
 
 Both expose the same small surface to :func:`fbqc.qat.train._run`: ``bits`` (layer → bits buffer),
-``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``stage(sample)`` / ``prepare(staged)``,
-checkpoint state and ``close()``.
+``student(sample)`` / ``teacher(sample)``, ``params``, ``optimizer()``, ``clip()``, ``stage(sample)`` /
+``prepare(staged)``, checkpoint state and ``close()``.
 """
 from __future__ import annotations
 
@@ -13,16 +15,18 @@ from typing import Any, Callable
 
 import torch
 
+from fbqc.blocks import IN_BLOCK as BLOCKS
 from fbqc.frontend import _entry
+from fbqc.ops.fused import compile_options
+from fbqc.passes.insert_fake_quant import bits_buffers
 from fbqc.program import Program
 from fbqc.spec import QuantSpec
 
-from . import checkpoint as ck
-from . import dist as D
-from .fused import compile_options
+from ..parallel import dist as D
+from ..parallel.shards import LocalShardAdamW, clip_local
+from ..rundir import checkpoint as ck
 from .modules import block_modules, module_bits, quantize_modules
-from .shards import LocalShardAdamW, clip_local
-from .student import BLOCKS, bits_buffers, own_parameters, retarget, training_view
+from .program import own_parameters, retarget, training_view
 
 
 def _to(sample: dict, device: torch.device) -> dict:
@@ -35,7 +39,7 @@ def _trainable(blocks_only: bool) -> Callable[[str], bool]:
     return (lambda n: BLOCKS.search(n) is not None) if blocks_only else (lambda n: True)
 
 
-class _Runtime:
+class _Adapter:
     kind = ""
     world = D.World()
     device: torch.device
@@ -67,7 +71,7 @@ class _Runtime:
         return _to(staged, self.device)
 
 
-class ProgramRuntime(_Runtime):
+class ProgramAdapter(_Adapter):
     """The FAKE_QUANT program trains in place (its own parameter copies on ``device``)."""
 
     kind = "program"
@@ -105,8 +109,8 @@ class ProgramRuntime(_Runtime):
             self._teacher_mod.to(self._teacher_dev)
 
 
-class ModuleRuntime(_Runtime):
-    """The eager model with the specs applied (:mod:`fbqc.qat.modules`), wrapped for DDP or FSDP2;
+class ModuleAdapter(_Adapter):
+    """The eager model with the specs applied (:mod:`fbqc.qat.students.modules`), wrapped for DDP or FSDP2;
     each process trains on its slice of the batch. The teacher is a frozen float copy."""
 
     kind = "module"
@@ -191,6 +195,6 @@ def _teacher_fn(teacher, device) -> tuple[Callable | None, torch.nn.Module | Non
     raise TypeError(f"teacher must be a Program, an nn.Module or a callable, got {type(teacher).__name__}")
 
 
-def describe(rt: _Runtime) -> dict[str, Any]:
+def describe(rt: _Adapter) -> dict[str, Any]:
     return {"student": rt.kind, "processes": rt.world.size,
-            **({"strategy": rt.strategy} if isinstance(rt, ModuleRuntime) else {})}
+            **({"strategy": rt.strategy} if isinstance(rt, ModuleAdapter) else {})}

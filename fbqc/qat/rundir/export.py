@@ -3,7 +3,7 @@
 The run's model file builds the float model (its preset / checkpoint options), the run's flags
 annotate it (the same :class:`~fbqc.passes.AnnotateLinears` rule, at the schedule's final bits), the
 trained state is loaded, and each quantized layer's weight is replaced by its fake-quantized value
-(:func:`fbqc.fake_quant.weight_value`: on the W-bit grid, stored as fp32). ``save_pretrained`` writes
+(:func:`fbqc.ops.fake_quant.weight_value`: on the W-bit grid, stored as fp32). ``save_pretrained`` writes
 it, so users sample with their usual pipeline. Activations stay float there: the A8 quantization
 happens in the compiled artifact. ``fbqc_quant.json`` beside it lists the layers and their specs.
 """
@@ -17,7 +17,7 @@ import torch
 
 from fbqc.artifact import check_writable, staging
 from fbqc.errors import UserError
-from fbqc.fake_quant import weight_value
+from fbqc.ops.fake_quant import weight_value
 from fbqc.frontend import load_model_file
 
 from . import checkpoint as ck
@@ -29,8 +29,8 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, force: bool = Fals
     """Write the finished run ``run_dir``'s student to ``out`` with ``save_pretrained``; a summary."""
     from fbqc.pipeline import build_passes
 
-    from .modules import annotate_modules
-    from .run import options_from, run_model_file
+    from ..students.modules import annotate_modules
+    from ..model_file import options_from, run_model_file
 
     run_dir, out = Path(run_dir), Path(out)
     run = ck.read_run(run_dir)

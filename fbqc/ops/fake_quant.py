@@ -5,6 +5,9 @@ by writing the buffer: no re-export, and ``torch.compile`` sees one opaque op th
 specialise on the value. Gradients are straight-through (weights) and clipped straight-through
 (activations: zero where the input fell outside the grid).
 
+The formulas are :mod:`fbqc.quant_math`'s (``narrow_qmax_t``, ``narrow_levels_t``, ``sym_scale_t``,
+``wide_qmax_t``, ``asym_qparams_t``); written out:
+
 Weights, narrow range (symmetric, signed), per output channel along ``axis`` (``None``: per tensor)::
 
     qmax = 2**(b-1) - 1          (float64, rounded once to float32)
@@ -27,6 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from fbqc.quant_math import (asym_qparams_t, clamp0, narrow_levels_t, narrow_qmax_t, sym_scale_t, wide_bound_t,
+                             wide_qmax_t)
+
 __all__ = ["weight_codes", "act_codes", "weight_value", "act_value", "act_inside", "fake_quant_weight",
            "fake_quant_act"]
 
@@ -38,38 +44,21 @@ def _reduce_dims(w: torch.Tensor, axis: int | None) -> list[int]:
     return [d for d in range(w.dim()) if d != axis]
 
 
-def _bound(bits: torch.Tensor, offset: float, minus: float = 0.0) -> torch.Tensor:
-    """``2**(bits + offset) - minus`` computed in float64 and rounded once to float32."""
-    return (torch.exp2(bits.detach().to(torch.float64) + offset) - minus).to(torch.float32)
-
-
-def _clamp0(t: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``clamp(t, 0, hi)`` with a tensor ``hi`` (a float ``min`` beside a tensor ``max`` makes dynamo
-    read ``hi`` as a Python number: a graph break and a recompile per bit-width)."""
-    return torch.clamp(t, torch.zeros_like(hi), hi)
-
-
 def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes (as float32), scale and zero point of ``w``; shapes of S and z broadcast to ``w``."""
     w = w.detach().to(torch.float32)
     dims = _reduce_dims(w, axis)
     if scheme == "narrow":
-        qmax = _bound(bits, -1.0, 1.0)
-        amax = w.abs().amax(dim=dims, keepdim=True)
-        scale = amax / qmax
-        scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-        hi = torch.floor(qmax)
-        q = torch.clamp(torch.round(w / scale), -hi - 1.0, hi)
+        scale = sym_scale_t(w.abs().amax(dim=dims, keepdim=True), narrow_qmax_t(bits))
+        q = torch.clamp(torch.round(w / scale), *narrow_levels_t(bits))
         return q, scale, torch.zeros_like(scale)
     if scheme == "wide":
-        levels = torch.floor(_bound(bits, 0.0))
-        wmin = w.amin(dim=dims, keepdim=True).clamp(max=0.0)   # the range holds 0, so a one-signed
-        wmax = w.amax(dim=dims, keepdim=True).clamp(min=0.0)   # channel does not collapse to one level
-        scale = (wmax - wmin) / _bound(bits, 0.0)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zp = _clamp0(torch.round(-wmin / scale), levels - 1.0)
-        q = _clamp0(torch.round(w / scale) + zp, levels - 1.0)
+        qmax = wide_qmax_t(bits)
+        # the range holds 0, so a one-signed channel does not collapse to one level
+        scale, zp = asym_qparams_t(w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True), qmax,
+                                   steps=wide_bound_t(bits))
+        q = clamp0(torch.round(w / scale) + zp, qmax)
         return q, scale, zp
     raise ValueError(f"unknown weight scheme {scheme!r} (expected 'narrow' or 'wide')")
 
@@ -77,8 +66,7 @@ def weight_codes(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, sche
 def act_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor
               ) -> torch.Tensor:
     """Unsigned activation codes (as float32) of ``x``."""
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
-    return _clamp0(torch.round(x.to(torch.float32) / scale) + zero_point, qmax)
+    return clamp0(torch.round(x.to(torch.float32) / scale) + zero_point, wide_qmax_t(bits))
 
 
 def weight_value(w: torch.Tensor, bits: torch.Tensor, axis: int | None = 0, scheme: str = "narrow"
@@ -97,9 +85,8 @@ def act_value(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bi
 def act_inside(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor
                ) -> torch.Tensor:
     """Where ``x`` fell inside the grid (the clipped straight-through gradient's mask)."""
-    qmax = torch.floor(_bound(bits, 0.0)) - 1.0
     pre = torch.round(x.detach().to(torch.float32) / scale) + zero_point
-    return (pre >= 0) & (pre <= qmax)
+    return (pre >= 0) & (pre <= wide_qmax_t(bits))
 
 
 # --- fbqc::fake_quant_weight ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One verifier per stage: a short allowlist of what may appear. Anything else is a bug with a name.
+"""The stage contracts: one verifier per stage, a short allowlist of what may appear. Anything else is a bug with a name.
 
 ``verify(program, after="PassName")`` raises :class:`VerificationError` naming the pass that ran last,
 the node and the rule it broke.
@@ -111,6 +111,7 @@ def _check_folded(program, n, spec, fail):
         fail(n, f"integer weight has dtype {wq.dtype}, spec wants {spec.weight.container.logical} "
                 f"stored as {spec.weight.container.dtype}")
     _check_calibrated(program, n, fail)
+    _check_act_bits_buffers(program, n, spec, fail)
 
 
 def _check_calibrated(program, n, fail):
@@ -122,10 +123,27 @@ def _check_calibrated(program, n, fail):
             fail(q, "activation scale is not calibrated (run Calibrate before Fold)")
 
 
+def _check_act_bits_buffers(program, n, spec, fail):
+    """From FOLDED on the spec owns every bit-width (fbqc.spec): the activation bits buffers the
+    FOLDED graph still reads are copies of it."""
+    for q, act, role in ((_producer(n, 0, "input"), spec.input, "input"),
+                         (next(iter(n.users), None), spec.output, "output")):
+        if q is None or q.target != fbqc.fake_quant_act.default:
+            continue
+        bits = float(program.attr(q.args[3]))
+        if bits != act.bits:
+            fail(q, f"{role} bits buffer {q.args[3].target} holds {bits:g} but the spec says {act.bits} "
+                    f"(from FOLDED on the spec owns the bit-width: Fold writes the buffers into it)")
+
+
 def _check_integer(program, n, spec, fail):
     x = _producer(n, 0, "xq")
     if x is None or x.target not in (fbqc.quantize.default,):
         fail(n, "input codes are not produced by fbqc.quantize")
+    for what, bits, want in (("input quantize", arg(x, 3, "bits"), spec.input.bits),
+                             ("output", arg(n, 9, "y_bits"), spec.output.bits)):
+        if bits != want:
+            fail(n, f"{what} takes {bits} activation bits but the spec says {want}")
     wq = program.attr(n.args[3])
     if wq.dtype != spec.weight.container.dtype:
         fail(n, f"integer weight has dtype {wq.dtype}, spec wants {spec.weight.container.dtype}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fbqc.report import _table
+from fbqc.summaries import mb, table
 
 from .verify import A8_WITHIN_1LSB_GOAL, A16_REL_ERROR_LIMIT
 
@@ -15,7 +15,7 @@ def _pct(x: float) -> str:
 def _layer_rows(rows: list[dict[str, Any]], limit: int | None) -> tuple[str, int]:
     rows = sorted(rows, key=lambda r: (r["within_1lsb"], -r["max_lsb"]))
     shown = rows if limit is None else rows[:limit]
-    text = _table(["layer", "acts", "elements", "exact", "≤ 1 LSB", "max LSB", "rel err"],
+    text = table(["layer", "acts", "elements", "exact", "≤ 1 LSB", "max LSB", "rel err"],
                   [[r["layer"], f"A{r['act_bits']}", f"{r['elements']:,}", _pct(r["exact"]),
                     _pct(r["within_1lsb"]), r["max_lsb"], f"{r['rel_error']:.2e}"] for r in shown])
     return text, len(rows) - len(shown)
@@ -44,7 +44,7 @@ def _block_table(rows: list[dict[str, Any]]) -> str:
         out.append([r["block"], f"{r['gmac']:.3g}", rel, mx, s["layers"], _pct(s["a8_exact"]),
                     _pct(s["a8_within_1lsb"]), s["a8_max_lsb"],
                     f"{s['a16_max_rel_error']:.2e}" if s["a16_layers"] else "–"])
-    return _table(["block", "GMAC", "output rel err", "max abs", "layers", "exact", "≤ 1 LSB", "max LSB",
+    return table(["block", "GMAC", "output rel err", "max abs", "layers", "exact", "≤ 1 LSB", "max LSB",
                    "A16 rel err"], out)
 
 
@@ -118,13 +118,13 @@ def profile_summary(result: dict[str, Any], top_layers: int = 8) -> str:
     lines = [f"{result['artifact']}: simulated HTP ({result['soc']}, Hexagon v{result['htp_arch']}) for "
              f"inputs {result['inputs']} — {total:,} cycles "
              f"(accelerator execute; simulated in {result['simulator_seconds']:.1f} s)"]
-    lines.append(_table(["op type", "nodes", "cycles", "share"],
+    lines.append(table(["op type", "nodes", "cycles", "share"],
                         [[r["op"], r["nodes"], f"{r['cycles']:,}", f"{100 * r['share']:.1f} %"]
                          for r in result["by_op_type"]] +
                         [["total (graph)", sum(r["nodes"] for r in result["by_op_type"]), f"{total:,}",
                           "100.0 %"]]))
     layers = result["by_layer"][:top_layers]
-    lines.append(_table(["layer", "cycles"], [[r["layer"], f"{r['cycles']:,}"] for r in layers]))
+    lines.append(table(["layer", "cycles"], [[r["layer"], f"{r['cycles']:,}"] for r in layers]))
     if result.get("csv"):
         lines.append(f"raw profile: {result['csv']}")
     return "\n".join(lines)
@@ -135,13 +135,13 @@ def blocks_profile_summary(result: dict[str, Any]) -> str:
     lines = [f"{result['artifact']}: simulated HTP ({result['soc']}, Hexagon v{result['htp_arch']}) for inputs "
              f"{result['inputs']}, sampled transformer blocks, each compiled as a graph of its own "
              f"(simulated in {result['simulator_seconds']:.1f} s):"]
-    lines.append(_table(["block", "GMAC", "cycles", "top op types"],
+    lines.append(table(["block", "GMAC", "cycles", "top op types"],
                         [[r["block"], f"{r['gmac']:.3g}", f"{r['total_cycles']:,}",
                           ", ".join(f"{o['op']} {100 * o['share']:.0f} %" for o in r["by_op_type"][:3])]
                          for r in rows]))
     total = result["total_cycles"]
     lines.append(f"op types over the {len(rows)} profiled block(s):")
-    lines.append(_table(["op type", "nodes", "cycles", "share"],
+    lines.append(table(["op type", "nodes", "cycles", "share"],
                         [[r["op"], r["nodes"], f"{r['cycles']:,}", f"{100 * r['share']:.1f} %"]
                          for r in result["by_op_type"]] +
                         [["total (graphs)", sum(r["nodes"] for r in result["by_op_type"]), f"{total:,}",
@@ -154,3 +154,45 @@ def blocks_profile_summary(result: dict[str, Any]) -> str:
     if csvs:
         lines.append(f"raw profiles: {', '.join(csvs)}")
     return "\n".join(lines)
+
+
+def _placement(b: dict[str, Any]) -> str | None:
+    """An htp artifact's placement: nodes on the HTP vs the CPU (None: the backend records none)."""
+    p = b.get("placement")
+    if not p:
+        return None
+    on = p["by_execution_provider"].get("QNNExecutionProvider", 0)
+    return f"{on:,} of {p['nodes']:,} ONNX nodes on the HTP ({p['soc']}, v{p['htp_arch']}), {p['cpu_nodes']} on the CPU"
+
+
+def _context_binary(b: dict[str, Any]) -> str | None:
+    c = b.get("context_binary")
+    if not c and "model_ctx_qnn.bin" in b.get("sizes", {}):
+        c = {"file": "model_ctx_qnn.bin", "bytes": b["sizes"]["model_ctx_qnn.bin"]}
+    if not c:
+        return None
+    if isinstance(c, list):          # a model split into several QNN contexts
+        return (f"{len(c)} contexts, {mb(sum(e['bytes'] for e in c))} in all ("
+                + ", ".join(f"{e['file']} {mb(e['bytes'])}" for e in c) + "); stable sha256 "
+                + ", ".join(e["stable_sha256"][:12] + "…" for e in c))
+    line = f"{c['file']} {mb(c['bytes'])}"
+    if "stable_sha256" in c:
+        line += f", stable sha256 {c['stable_sha256'][:12]}… ({c['varying_bytes']:,} varying bytes masked)"
+    return line
+
+
+def _binary(b: dict[str, Any]) -> str | None:
+    """An htp binary's bits per quantized weight and where its bytes go (backends/htp/sizes.py)."""
+    x = b.get("binary")
+    if not x or not x.get("bits_per_quantized_weight"):
+        return None
+    top = sorted(((v, k) for k, v in x["bytes"].items() if v), reverse=True)[:3]
+    parts = ", ".join(f"{k.split('_')[0]} {v / 1e6:,.1f}" for v, k in top)
+    return f"{x['bits_per_quantized_weight']:.2f} bits/quantized weight ({parts} MB)"
+
+
+def describe_artifact(section: dict[str, Any], short: bool = False) -> list[tuple[str, str]]:
+    """Lines of the compile summary (``short``: of ``fbqc inspect``) about an htp manifest section."""
+    rows = [(("htp", "placement"), _placement(section)), (("context", "context binary"), _context_binary(section)),
+            (("binary", "binary bytes"), _binary(section))]
+    return [(labels[0] if short else labels[1], text) for labels, text in rows if text]

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
+from .fx_utils import flat_tensors
 from .trajectories import describe_value, neutral_argument
 
 
@@ -42,11 +43,6 @@ class NonFinite(Exception):
     def __init__(self, call: int, what: str):
         super().__init__(f"non-finite {what} at transformer call {call}")
         self.call, self.what = call, what
-
-
-def _flat_tensors(out) -> list[torch.Tensor]:
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 # ---- the adapter -----------------------------------------------------------------------------------
@@ -104,7 +100,7 @@ class StudentTransformer(torch.nn.Module):
         bound = dict(self._sig.bind_partial(*args, **kwargs).arguments)
         bound.pop("return_dict", None)
         if self.expected is None:
-            out = _flat_tensors(self._run(**bound, return_dict=False))[0]
+            out = flat_tensors(self._run(**bound, return_dict=False))[0]
         else:
             out = self._split_call(bound)
         self.calls += 1
@@ -127,7 +123,7 @@ class StudentTransformer(torch.nn.Module):
         outs = []
         for b in range(batch):
             inputs = {k: self._take(k, bound.get(k), ex, batch, b) for k, ex in self.expected.items()}
-            outs.append(_flat_tensors(self._run(**inputs))[0])
+            outs.append(flat_tensors(self._run(**inputs))[0])
         return torch.cat(outs, 0) if batch > 1 else outs[0]
 
     def _take(self, key: str, v: Any, ex: Any, batch: int, b: int) -> Any:
@@ -216,10 +212,10 @@ def load_student(target: str | Path | None, *, fake_quant: bool = False, float_m
 
 
 def _qat_student(run_dir: Path, log) -> Student:
-    from .qat import checkpoint as ck
-    from .qat.load import LoadTrainedState
-    from .qat.run import options_from, prepare, run_model_file
-    from .qat.student import training_view
+    from .qat.rundir import checkpoint as ck
+    from .passes import LoadTrainedState
+    from .qat.model_file import options_from, prepare, run_model_file
+    from .qat.students.program import training_view
     from .pass_infra import PassManager
 
     run = ck.read_run(run_dir)
@@ -248,7 +244,7 @@ def _qat_student(run_dir: Path, log) -> Student:
 
 
 def _artifact_student(directory: Path, fake_quant: bool, log) -> Student:
-    from fbqc.backends import load_backend
+    from fbqc.plugins import load_backend
 
     from .artifact import check_hashes, load_io, read_manifest
 
@@ -269,8 +265,7 @@ def _artifact_student(directory: Path, fake_quant: bool, log) -> Student:
             f"the rebuilt fake-quant model differs from the artifact's stored fake-quant outputs by up to "
             f"{diff:.3g} (calibration not reproduced exactly)"]
         return Student("fake_quant", desc, model.get("file"), _fake_quant_call(program), dict(io["inputs"]), warn)
-    if name == "htp":
-        log("htp: running the context binary on the QNN x86 simulator (slow; tiny presets)")
+    log(f"{name}: running the artifact on its backend ({manifest['backend'].get('version', '?')})")
     loaded = load_backend(name).load(directory)
 
     def run(**inputs):
@@ -286,7 +281,7 @@ def _rebuild_fake_quant(directory: Path, manifest: dict[str, Any], io: dict[str,
     from .frontend import export_model_file
     from .pass_infra import PassManager
     from .pipeline import CompileOptions, build_passes
-    from .qat.run import options_from
+    from .qat.model_file import options_from
 
     mf_path = Path(manifest.get("model", {}).get("file") or "")
     if not mf_path.is_file():
@@ -300,15 +295,15 @@ def _rebuild_fake_quant(directory: Path, manifest: dict[str, Any], io: dict[str,
     data = Calibration(mf, program, opts, lambda s: None).data   # what compile calibrated on (--calib-data too)
     after = []
     if manifest.get("run"):
-        from .qat import checkpoint as ck
-        from .qat.load import LoadTrainedState
+        from .qat.rundir import checkpoint as ck
+        from .passes import LoadTrainedState
 
         run_dir = Path(manifest["run"]["dir"])
         after = [LoadTrainedState(ck.load_student(run_dir), f"{run_dir}/{ck.STUDENT}")]
     first, _ = build_passes(opts, data, False, after)
     fq = PassManager(first)(program)
     with torch.no_grad():
-        got = _flat_tensors(fq.graph_module(**io["inputs"]))
+        got = flat_tensors(fq.graph_module(**io["inputs"]))
     ref = io.get("fake_quant_outputs", [])
     diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref)), default=float("nan"))
     return fq, diff

@@ -8,7 +8,7 @@ ranks in this one process. Per-GPU bytes are the local shards of rank 0 (the lar
 storage to it). Activations: with ``--checkpoint-blocks`` each block keeps only its input; the one block being
 recomputed in backward holds its saved tensors, measured by running the largest of them on meta under
 ``saved_tensors_hooks`` (SDPA through the flash-attention kernel, as on the GPU: on meta SDPA would take the
-math path and save the L×L scores).
+math path and save the L×L scores). Host RAM per process: rank-0 loading (:func:`host_ram`).
 
     python benchmarks/flux_fsdp_plan.py [--world 4 8] [--batch-per-gpu 1] [--image-tokens N] [--json PATH]
 """
@@ -156,7 +156,24 @@ def plan(preset: str = "full", worlds=(4, 8), batch: int = 1, image_tokens: int 
             "largest_block": big, "quantized_layers": quantized, "batch_per_gpu": batch, "image_tokens": img,
             "text_tokens": txt, "ckpt_inputs": ckpt_inputs, "recompute_fp32": fp32_saved,
             "recompute_bf16": recompute_bf16, "recompute_by_kind": {k: v[0] for k, v in recompute.items()},
-            "working": working, "host_per_process": 2 * total * FP32, "rows": rows}
+            "working": working, "host": host_ram(total, sum(blocks.values())), "rows": rows}
+
+
+def host_ram(params: int, trainable: int) -> dict[str, int]:
+    """Host RAM per process (bytes) with rank-0 loading (:func:`fbqc.qat.parallel.dist.load_from_rank0`, as
+    ``fbqc train --nproc N`` sets up the module student; measured on the CPU by tests/test_rank0_loading.py).
+
+    - ``rank0_load``: rank 0 builds the fp32 model with its weights (``--checkpoint DIR``), once; the teacher
+      is a meta copy filled from the same tensors, student and teacher shards go to the GPU as they are
+      broadcast, and the loaded copy is freed once both are loaded.
+    - ``other_load``: the other ranks build on the meta device — no weights in host RAM (their shards are
+      allocated on the GPU; one tensor at a time is received whole, there too).
+    - ``rank0_checkpoint``: at each checkpoint rank 0 gathers the full student and AdamW state (2 states of
+      the trainable parameters) to the CPU for ``checkpoint.pt`` (``cpu_offload``: the others keep none).
+    - ``before``: what every process held before rank-0 loading: the fp32 model and its teacher copy.
+    """
+    return {"rank0_load": params * FP32, "other_load": 0, "rank0_checkpoint": (params + 2 * trainable) * FP32,
+            "before": 2 * params * FP32}
 
 
 def report(p: dict) -> str:
@@ -178,16 +195,23 @@ def report(p: dict) -> str:
         out.append(f"{r['world']:>4} " + " ".join(g(r[k]) for k in ("params", "grads", "adamw", "teacher",
                                                                       "working", "activations", "total"))
                    + f"   {fits}")
-    init = p["host_per_process"] / GIB
-    host = ", ".join(f"{r['world']} GPUs: {r['world'] * init:.0f} GiB" for r in p["rows"])
+    h = {k: v / GIB for k, v in p["host"].items()}
+    before = ", ".join(f"{r['world']} GPUs: {r['world'] * h['before']:.0f} GiB" for r in p["rows"])
     out += ["",
             "  params: student fp32 shard; grads, AdamW (2 states): fp32 shards of the trainable params; teacher:",
             "  fp32 shard (all-gathered in bf16); working: largest block all-gathered (student fp32 + teacher bf16)",
             "  x2 for prefetch + its unsharded fp32 grads + the root's params (kept gathered); activ.: block inputs",
             "  + one block's recompute. Not counted: CUDA context, NCCL buffers, allocator slack (a few GiB).",
-            "  start-up: with --strategy fsdp the model is sharded before it moves to the GPU (no unsharded copy",
-            f"  there), but each process builds the fp32 model and its teacher copy in host RAM first: {init:.1f} GiB",
-            f"  per process ({host}; the 8-GPU hosts here have 560 GiB).",
+            "",
+            "host RAM per process (rank-0 loading; besides Python, torch and the CUDA context, a few GiB):",
+            f"  start-up: rank 0 {h['rank0_load']:.1f} GiB (the fp32 model as loaded, once: the teacher is filled from "
+            "it, both are",
+            "  sharded onto the GPUs, then it is freed); every other rank "
+            f"{h['other_load']:.1f} GiB (built on the meta device: its shards",
+            f"  are allocated on its GPU and received there): {h['rank0_load']:.1f} GiB in all, for any number of GPUs",
+            f"  (was {h['before']:.1f} GiB on every process: {before}; the 8-GPU hosts here have 560 GiB).",
+            f"  each checkpoint: rank 0 gathers the full student + AdamW state to the CPU, {h['rank0_checkpoint']:.1f} "
+            "GiB (the other ranks keep none).",
             "", "real run (needs a local diffusers FLUX.1-schnell checkpoint: the full preset is meta-only):"]
     out += ["  " + COMMAND.format(ckpt="DIR", w=r["world"], b=r["world"] * p["batch_per_gpu"]) for r in p["rows"]]
     return "\n".join(out)

@@ -8,7 +8,8 @@ input sample looks):
   shrunk by the file's ``TINY`` overrides) or a local diffusers checkpoint (``checkpoint_config`` finds its
   ``config.json``) into the constructor config plus a resolution key, ``"tiny"`` or ``"full"``.
 - **weights**: ``build_model`` loads the checkpoint's weights, or builds random but deterministic fp32 weights
-  (torch seed 0, then ``reinit_zero_params``), or builds the module on the meta device (no memory).
+  (torch seed 0, then ``reinit_zero_params``), or builds the module on the meta device (no memory): for a
+  meta preset, or whenever it is called under ``torch.device("meta")`` (checkpoint or not).
 - **inputs**: ``samples`` is an endless deterministic stream of a file's ``_sample(cfg, res, generator)``;
   ``noised_latent`` mixes noise into ``clean_latent``, a structured "image" latent; ``on_meta`` moves a sample
   to the meta device.
@@ -91,7 +92,12 @@ def build_model(cls: type, cfg: dict, checkpoint=None, *, meta: bool = False) ->
 
     Random weights are deterministic (torch seed 0 inside a forked RNG, so the caller's RNG is untouched) and
     have no all-zero parameter. A checkpoint may hold the transformer in ``DIR/transformer`` or in ``DIR``.
+    Called under ``torch.device("meta")`` (``fbqc train --nproc N`` builds every rank but 0 so: their weights
+    come from rank 0), the module is built from the config on meta and no checkpoint is read.
     """
+    if torch.get_default_device().type == "meta":
+        with torch.device("meta"):
+            return (cls.from_config(cfg) if checkpoint is not None else cls(**cfg)).eval()
     if checkpoint is not None:
         d = Path(checkpoint).expanduser()
         sub = {"subfolder": "transformer"} if (d / "transformer" / "config.json").is_file() else {}

@@ -16,18 +16,18 @@ about once (the log) and recorded (the manifest / run.json), never silently igno
   ``sample_seed(seed, e)``); endless and map-style, so sample ``i`` is made without the ones before
   it and each of N processes reads only its own records. With ``targets=True`` a sample also carries
   the recorded teacher output under :data:`TARGET` (``--teacher-cache``: the KD target, no teacher
-  forward). Setting ``FBQC_DATA_TRACE=PATH`` appends ``rank index record`` per read to ``PATH.RANK``.
+  forward). Setting ``FBQC_DATA_TRACE=PATH`` appends ``read INDEX RECORD`` per read to ``PATH.RANK``
+  (:func:`fbqc.data.trace`).
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .data import ENDLESS, sample_seed
+from .data import ENDLESS, sample_seed, trace
 from .errors import UserError
 from .trajectories import Trajectories, describe_value, neutral_argument
 
@@ -141,8 +141,6 @@ class CapturedTraining:
         self.selector, self.seed, self.targets = selector, seed, targets
         self.n = len(selector.traj)
         self._perm: tuple[int, list[int]] | None = None
-        trace = os.environ.get("FBQC_DATA_TRACE")
-        self.trace = f"{trace}.{os.environ.get('RANK', '0')}" if trace else None
 
     def __len__(self) -> int:
         return ENDLESS
@@ -158,9 +156,7 @@ class CapturedTraining:
         if not 0 <= i < ENDLESS:
             raise IndexError(i)
         r = self.record_index(i)
-        if self.trace:
-            with open(self.trace, "a") as f:
-                f.write(f"{os.environ.get('RANK', '0')} {i} {r}\n")
+        trace("read", i, r)
         sample = self.selector(r)
         if self.targets:
             sample[TARGET] = self.selector.traj.target(r)
@@ -240,10 +236,13 @@ class Calibration:
 
 
 def training_data(data_dir: str | Path, example: dict[str, Any], teacher: torch.nn.Module, *, seed: int,
-                  teacher_cache: bool, log: Callable[[str], None] = print, check_weights: bool = True
-                  ) -> tuple[CapturedTraining, str, dict[str, Any]]:
+                  teacher_cache: bool, log: Callable[[str], None] = print, check_weights: bool = True,
+                  check_first: bool | None = None) -> tuple[CapturedTraining, str, dict[str, Any]]:
     """(the map-style training dataset, its note for the log, its record for run.json);
-    ``check_weights``: compare ``teacher``'s weights with the capture's (one process of N does)."""
+    ``check_weights``: compare ``teacher``'s weights with the capture's (one process of N does);
+    ``check_first``: read the first record now, so that a shape mismatch (or a NaN recorded output)
+    fails before training starts (default: as ``check_weights`` — one process of N reads it; the
+    others read only their own records, which the same checks guard)."""
     traj = open_capture(data_dir, "--data")
     warnings: list[str] = []
 
@@ -253,11 +252,12 @@ def training_data(data_dir: str | Path, example: dict[str, Any], teacher: torch.
 
     selector = Selector(traj, example, "--data", warn)
     data = CapturedTraining(selector, seed, targets=teacher_cache)
-    selector(data.record_index(0))                       # a shape mismatch fails before training starts
-    if teacher_cache:
-        t = traj.target(data.record_index(0))
-        if not torch.isfinite(t.float()).all():
-            raise DataError(f"--data {data_dir}: a recorded teacher output is NaN or Inf")
+    if check_weights if check_first is None else check_first:
+        selector(data.record_index(0))                   # a shape mismatch fails before training starts
+        if teacher_cache:
+            t = traj.target(data.record_index(0))
+            if not torch.isfinite(t.float()).all():
+                raise DataError(f"--data {data_dir}: a recorded teacher output is NaN or Inf")
     _, warning = weights_check(traj, teacher, "--data") if check_weights else (None, None)
     if warning:
         warn(f"warning: {warning}")

@@ -3,18 +3,28 @@
 What is sampled: the model file's own ``calibration_data()`` / ``training_data()``, or a data-free
 default around ``example_inputs()`` (:class:`SamplesAround`), map-style when it can be
 (:class:`SeededSamples`); :func:`take` checks samples against the example inputs.
-What the training loop consumes: the stream cycled (:func:`cycle`), batched (:func:`batches`), one
-process's share of each batch (:func:`shares`), prefetched by a thread (:func:`prefetch`) and collated
-— in a fixed order, so a resumed run skips exactly the consumed samples.
+What the training loop consumes: one process's part of every global batch (:class:`Share`: whole
+samples when the batch splits into them, else the rows of the samples that hold this process's rows)
+— made by index from map-style data (:func:`shares`: the other processes' samples are never made or
+read), or taken from the stream cycled (:func:`cycle`) and batched (:func:`batches`), which every
+process iterates to keep its order but collates only its own part of — prefetched by a thread
+(:func:`prefetch`) and collated, in a fixed order, so a resumed run skips exactly the consumed samples.
+``FBQC_DATA_TRACE=PATH`` (tests) appends one line per sample made, read or kept to ``PATH.RANK``
+(:func:`trace`).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from fbqc.errors import UserError
 
 DATA_FREE_NOTE = ("data-free samples drawn around example_inputs(): float tensors ~ Normal(mean, std) "
                   "of the example tensor; scalars, integer and bool tensors kept as given")
@@ -22,6 +32,44 @@ DATA_FREE_NOTE = ("data-free samples drawn around example_inputs(): float tensor
 
 #: the length of an endless map-style stream (``len()`` must be finite)
 ENDLESS = 2**62
+
+#: the environment variable naming the per-process data trace (:func:`trace`)
+TRACE = "FBQC_DATA_TRACE"
+
+
+def trace(event: str, index: int, detail: Any = "-") -> None:
+    """With ``FBQC_DATA_TRACE=PATH``: append ``EVENT INDEX DETAIL`` to ``PATH.RANK`` (``RANK`` of the
+    process, 0 without torchrun). Events: ``make`` (a :class:`SeededSamples` sample made), ``read`` (a
+    captured record read; detail: the record), ``keep`` (a sample this process's training collates;
+    detail: :func:`digest`). Without the variable it costs one environment lookup."""
+    path = os.environ.get(TRACE)
+    if path:
+        with open(f"{path}.{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(f"{event} {index} {detail}\n")
+
+
+def tracing() -> bool:
+    return bool(os.environ.get(TRACE))
+
+
+def digest(sample: Any) -> str:
+    """A short hash of a sample's values (tensors by dtype, shape and bytes; nested dicts by key)."""
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, dict):
+            for k in sorted(v):
+                h.update(f"<{k}>".encode())
+                feed(v[k])
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+
+    feed(sample)
+    return h.hexdigest()[:16]
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -44,6 +92,7 @@ class SeededSamples:
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < ENDLESS:
             raise IndexError(i)
+        trace("make", i)
         return self.make(torch.Generator().manual_seed(sample_seed(self.seed, i)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -122,20 +171,98 @@ def cycle(factory: Callable[[], Iterable], skip: int, first: Iterable | None = N
 
 def indexed(data) -> bool:
     """Map-style data (``len(data)`` and ``data[i]``: a list, a map-style ``Dataset``, the examples'
-    streams, the data-free default): a process can make just its own samples."""
+    streams, the data-free default, a capture): a process can make just its own samples."""
     return (not isinstance(data, (dict, str, bytes)) and hasattr(type(data), "__getitem__")
             and hasattr(type(data), "__len__"))
 
 
+def batch_rows(sample: dict) -> int:
+    """The rows of a sample along dim 0: the longest first dimension of its tensors (0: none)."""
+    return max((v.shape[0] for v in sample.values() if isinstance(v, torch.Tensor) and v.dim() > 0), default=0)
+
+
+@dataclass(frozen=True)
+class Share:
+    """Process ``rank``'s part of every global batch of ``batch`` samples split over ``size`` processes:
+    samples ``first…stop-1`` of the batch and, of those samples collated, rows ``rows`` (None: all).
+
+    When ``size`` divides ``batch`` a process takes ``batch/size`` whole samples (no two processes
+    share one). Otherwise the collated rows (``batch × sample_rows``) split evenly, and a process takes
+    the samples that hold its rows (``--batch 1``: every process the one sample, each its rows of it;
+    a sample straddling two processes' rows is made by both)."""
+    batch: int
+    size: int
+    rank: int
+    first: int
+    stop: int
+    rows: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, batch: int, size: int, rank: int, sample_rows: int) -> "Share":
+        if batch % size == 0:
+            per = batch // size
+            return cls(batch, size, rank, rank * per, (rank + 1) * per)
+        total = batch * sample_rows
+        if sample_rows == 0 or total % size:
+            raise UserError(f"the global batch ({batch} sample(s) of {sample_rows} row(s)) does not split over "
+                            f"{size} processes; use a --batch that is a multiple of --nproc")
+        per = total // size
+        lo, hi = rank * per, (rank + 1) * per
+        first, stop = lo // sample_rows, -(-hi // sample_rows)
+        return cls(batch, size, rank, first, stop, (lo - first * sample_rows, hi - first * sample_rows))
+
+    @property
+    def whole(self) -> bool:
+        return self.rows is None
+
+    def take(self, collated: dict) -> dict:
+        """This process's rows of its samples collated (tensors whose dim 0 is all the samples' rows)."""
+        if self.rows is None:
+            return collated
+        lo, hi = self.rows
+        n = batch_rows(collated)
+        return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+                for k, v in collated.items()}
+
+    def describe(self, map_style: bool) -> str:
+        if self.size == 1:
+            return "one process: the whole batch"
+        how = ("map-style: the other processes' samples are never made or read" if map_style else
+               "a stream: every process iterates it in order, collating only its own samples")
+        if self.whole:
+            return (f"per process: each of the {self.size} processes takes only its own {self.stop - self.first} "
+                    f"of the {self.batch} samples of a global batch ({how})")
+        return (f"split by rows: --batch {self.batch} over {self.size} processes splits the global batch's "
+                f"rows evenly, each process taking the samples that hold its rows (process {self.rank}: samples "
+                f"{self.first}–{self.stop - 1} of each batch, rows {self.rows[0]}–{self.rows[1] - 1} of them; "
+                f"{how}); a --batch that is a multiple of --nproc gives each process whole samples of its own")
+
+
 def shares(data, start: int, batch: int, lo: int, hi: int) -> Iterator[list[dict]]:
     """Map-style ``data`` cycled from position ``start``: samples ``lo…hi-1`` of each global batch of
-    ``batch`` samples (this process's share; the same order as :func:`cycle` + :func:`batches`)."""
+    ``batch`` samples (this process's share; the same order as :func:`cycle` + :func:`batches`), made
+    by index: no other sample is made."""
     n = len(data)
     if n == 0:
         raise ValueError("training data yielded no samples")
     while True:
         yield [data[(start + j) % n] for j in range(lo, hi)]
         start += batch
+
+
+def stream_shares(factory: Callable[[], Iterable], start: int, batch: int, lo: int, hi: int,
+                  first: Iterable | None = None) -> Iterator[list[dict]]:
+    """A stream (no ``data[i]``) cycled from position ``start``: samples ``lo…hi-1`` of each global batch
+    (the order of :func:`shares`). Every process reads the whole stream — the only way to know its
+    order — and drops the other processes' samples as they come (never collated, checked or staged)."""
+    samples = cycle(factory, start, first)
+    while True:
+        part = []
+        for j in range(batch):
+            x = next(samples)
+            if lo <= j < hi:
+                part.append(x)
+        yield part
 
 
 def batches(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:

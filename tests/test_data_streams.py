@@ -52,3 +52,55 @@ def test_example_streams_are_map_style():
     assert all(torch.equal(it[i]["encoder_hidden_states"], data[i]["encoder_hidden_states"]) for i in range(3))
     ex = mf.call("example_inputs")
     assert set(ex) == set(data[0]) and all(ex[k].shape == data[0][k].shape for k in ex)
+
+
+def _global(data, start, batch, steps):
+    one = S.batches(S.cycle(lambda: data, start), batch)
+    return [S.collate(next(one)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("batch,size", [(4, 2), (6, 3), (1, 2), (3, 2), (1, 4), (5, 4)])
+def test_each_process_share_is_its_rows_of_the_global_batch(batch, size):
+    """Whatever the batch and the process count: the processes' parts (map-style made by index, or kept
+    from the stream) concatenate to the one process's global batch, and a process makes only the
+    samples holding its rows (whole samples of its own when the count divides the batch)."""
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, 3, generator=g), "t": torch.tensor([float(i)] * 4)} for i in range(7)]
+    made: dict[int, list[int]] = {}
+
+    class Logged(list):
+        def __getitem__(self, i):
+            made.setdefault(rank, []).append(i)
+            return list.__getitem__(self, i)
+
+    steps, start = 4, 3
+    want = _global(data, start, batch, steps)
+    parts = {}
+    for rank in range(size):
+        share = S.Share.of(batch, size, rank, S.batch_rows(data[0]))
+        assert share.whole == (batch % size == 0)
+        m = S.shares(Logged(data), start, batch, share.first, share.stop)
+        s = S.stream_shares(lambda: iter(data), start, batch, share.first, share.stop)
+        parts[rank] = []
+        for _ in range(steps):
+            a, b = share.take(S.collate(next(m))), share.take(S.collate(next(s)))
+            assert all(torch.equal(a[k], b[k]) for k in a)                  # map-style = the stream's order
+            parts[rank].append(a)
+        assert len(made[rank]) == steps * (share.stop - share.first) <= steps * (-(-batch // size) + 1)
+    for step in range(steps):
+        for k in ("x", "t"):
+            assert torch.equal(torch.cat([parts[r][step][k] for r in range(size)]), want[step][k])
+    if batch % size == 0:                                                   # disjoint whole samples
+        assert sorted(i for r in made for i in made[r]) == sorted((start + j) % 7 for j in range(steps * batch))
+
+
+def test_a_batch_whose_rows_do_not_split_is_one_line_naming_the_fix():
+    from fbqc.errors import UserError
+
+    with pytest.raises(UserError, match="multiple of --nproc"):
+        S.Share.of(3, 2, 0, 1)
+    assert "only its own 2 of the 4 samples" in S.Share.of(4, 2, 1, 1).describe(True)
+    assert "split by rows" in S.Share.of(1, 2, 1, 4).describe(False)
+    assert S.Share.of(1, 2, 1, 4).rows == (2, 4)                          # the one sample, its last 2 rows
+    s = S.Share.of(3, 2, 1, 4)                                              # 12 rows: 6..11 = samples 1, 2
+    assert (s.first, s.stop, s.rows) == (1, 3, (2, 8))

@@ -113,9 +113,37 @@ def test_flash_sdpa_restores_torch(planner):
     assert F.scaled_dot_product_attention is before
 
 
+def test_host_ram_per_process(plan):
+    """Rank-0 loading: rank 0 holds the fp32 model once, the others none (measured on the CPU:
+    tests/test_rank0_loading.py); rank 0 gathers the full student + AdamW state at a checkpoint."""
+    h = plan["host"]
+    assert h["rank0_load"] == plan["params"] * 4 and h["other_load"] == 0
+    assert h["before"] == 2 * h["rank0_load"]                         # the fp32 model + its teacher copy
+    assert h["rank0_checkpoint"] == (plan["params"] + 2 * plan["trainable"]) * 4
+
+
+def test_other_ranks_build_flux_on_meta(monkeypatch, tmp_path, flux):
+    """What the plan's 0 GiB rests on: a rank other than 0 of `fbqc train --nproc 2` builds the FLUX model file
+    on the meta device — from a preset, and from `--checkpoint DIR` without reading its weights."""
+    from fbqc.frontend import load_model_file
+    from fbqc.qat.model_file import _build
+
+    flux.model("tiny").save_pretrained(tmp_path / "transformer")
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")   # unreadable now
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for rank, meta in (("1", True), ("0", False)):
+        monkeypatch.setenv("RANK", rank)
+        for opts in ({"preset": "tiny"},) + (({"checkpoint": str(tmp_path)},) if meta else ()):
+            model, built_on_meta = _build(load_model_file(ROOT / "examples" / "flux_schnell.py", **opts))
+            assert built_on_meta is meta and all(p.is_meta is meta for p in model.parameters()), (rank, opts)
+            assert sum(p.numel() for p in model.parameters()) == flux.TINY_PARAMS
+
+
 def test_report_and_json(planner, plan):
     text = planner.report(plan)
     assert "H100 80" in text and "--nproc 4" in text and "--checkpoint DIR" in text
+    assert "host RAM per process" in text and "every other rank 0.0 GiB" in text
     assert len([ln for ln in text.splitlines() if re.match(r"\s+[248]\s+\d+\.\d\d ", ln)]) == len(WORLDS)
     assert json.loads(json.dumps(plan)) == plan                     # what --json writes
 
@@ -126,3 +154,4 @@ def test_full_config(planner, flux):
     assert p["params"] == flux.FULL_PARAMS and p["blocks"] == 57
     r4, r8 = p["rows"]
     assert r8["params"] * 2 == pytest.approx(r4["params"], rel=1e-3)
+    assert p["host"]["rank0_load"] / 2**30 == pytest.approx(44.3, abs=0.05)      # was 88.6 on every process

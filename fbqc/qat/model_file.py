@@ -8,6 +8,8 @@ folds, lowers and hands the program to the backend; the manifest records the run
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +23,7 @@ from fbqc.passes import LoadTrainedState
 from fbqc.pipeline import CompileOptions, build_passes, compile_model
 
 from .config import EXECUTION, TrainConfig
+from .parallel import dist as D
 from .rundir import checkpoint as ck
 from .schedule import Schedule
 from .train import TrainResult, train, train_modules
@@ -54,10 +57,12 @@ def prepare_modules(model_file: str | Path, opts: CompileOptions):
     from .students.modules import annotate_modules
 
     mf = load_model_file(model_file, preset=opts.preset, checkpoint=opts.checkpoint)
-    model = mf.call("model")
+    D.note_host("before model")
+    model, meta = _build(mf)
+    D.note_host("after model")
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{mf.path}: model() returned {type(model).__name__}, not a torch.nn.Module")
-    if any(p.is_meta for p in model.parameters()):
+    if not meta and any(p.is_meta for p in model.parameters()):
         raise UserError(f"{model_file}: the model's weights are on the meta device; it cannot be trained here")
     annotate = build_passes(opts, data=(), progress=False)[0][0]
     try:
@@ -65,6 +70,24 @@ def prepare_modules(model_file: str | Path, opts: CompileOptions):
     except ValueError as e:
         raise UserError(f"{model_file}: {e}") from e
     return model, specs, mf, mf.call("example_inputs"), *_split(specs, annotate)
+
+
+def _build(mf) -> tuple[Any, bool]:
+    """(``model()``, whether it was built on the meta device). Rank-0 loading: under ``fbqc train --nproc N``
+    the ranks other than 0 call ``model()`` under ``torch.device("meta")`` — no weights in host RAM; they
+    receive rank 0's once sharded (:func:`fbqc.qat.parallel.dist.load_from_rank0`). A model file that
+    loads weights may check ``torch.get_default_device()`` and skip the loading there (the examples do);
+    one that cannot be built on meta is built as usual on that rank (a warning; the values still come
+    from rank 0)."""
+    if not D.build_on_meta():
+        return mf.call("model"), False
+    try:
+        with torch.device("meta"):
+            return mf.call("model"), True
+    except Exception as e:  # noqa: BLE001 - user code; building it for real is the fallback
+        warnings.warn(f"{mf.path}: model() failed on the meta device ({type(e).__name__}: {e}); rank "
+                      f"{os.environ.get('RANK')} builds it with weights instead (a copy in host RAM)", stacklevel=2)
+        return mf.call("model"), False
 
 
 def train_model_file(model_file: str | Path | None, out: str | Path, opts: CompileOptions | None = None, *,

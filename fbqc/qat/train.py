@@ -133,7 +133,11 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
 
     The teacher is a frozen float copy of ``model`` made before the specs are applied. Each batch of
     ``data`` (shaped like ``example_inputs``) is the global batch: each process takes its slice.
-    The result's ``program`` is None; ``extra["state"]`` (rank 0) is the trained full state dict.
+    Rank-0 loading: with nproc > 1 every process's student and teacher start from rank 0's ``model``
+    (broadcast once placed or sharded), so only rank 0's needs weights; the others may pass it built
+    under ``torch.device("meta")`` (``fbqc train`` does: no copy of the weights in their host RAM).
+    The result's ``program`` is None; ``extra["state"]`` (rank 0) is the trained full state dict;
+    ``summary["host_ram"]`` each process's host memory.
     """
     if config.get("strategy", "auto") == "auto":
         config["strategy"] = "ddp"                  # recorded: a resume on one process stays a module run
@@ -145,7 +149,7 @@ def train_modules(model: torch.nn.Module, specs: dict[str, QuantSpec], example_i
     layers = (list(scheduled_layers) if scheduled_layers is not None
               else [k for k, s in specs.items() if s.weight.bits == sched.final_bits])
     world, device = D.init(cfg.nproc, cfg.device)
-    torch.manual_seed(cfg.seed)     # the same float model and teacher copy on every process
+    torch.manual_seed(cfg.seed)     # the same RNG on every process (the weights come from rank 0)
 
     def adapter():
         return ModuleAdapter(model, specs, world, device, cfg)
@@ -199,20 +203,36 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
             f"activations {cfg.act_quant}; data: {note}")
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     data, fresh = factory(), position == 0
-    if S.indexed(data) and cfg.batch % world.size == 0:     # each process makes only its own samples
-        per = cfg.batch // world.size
-        lo, own = world.rank * per, True
-        parts = S.shares(data, position, cfg.batch, lo, lo + per)
-    else:                                                   # a stream: every process reads all of it
-        lo, own = 0, False
-        parts = S.batches(S.cycle(factory, position, first=data), cfg.batch)
+    # each process takes only its own part of every global batch (S.Share): map-style data makes or
+    # reads only those samples; a stream is read in order by every process, which collates, checks and
+    # stages only its own (a --batch that --nproc does not divide splits the batch's rows instead)
+    map_style = S.indexed(data)
+    share = S.Share.of(cfg.batch, world.size, world.rank, S.batch_rows(example))
+    parts = (S.shares(data, position, cfg.batch, share.first, share.stop) if map_style else
+             S.stream_shares(factory, position, cfg.batch, share.first, share.stop, first=data))
+    split = share.describe(map_style)
+    if world.size > 1:
+        log(f"data: {split}")
+    if world.main and out is not None:                     # run.json: how each (re)start split the data
+        run = ck.read_run(out)
+        run.setdefault("data_split", []).append(
+            {"from_step": start, "processes": world.size, "map_style": map_style,
+             "per_process": "samples" if share.whole else "rows", "note": split})
+        tmp = out / (ck.RUN + ".tmp")
+        tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
+        tmp.replace(out / ck.RUN)
+    tracing, at = S.tracing(), position
 
     def staged():
         for i, part in enumerate(parts):
+            base = at + i * cfg.batch + share.first         # the stream index of part[0]
             if i == 0 and fresh:
                 for j, x in enumerate(part):
-                    _check_like(S.inputs_only([x])[0], example, f"training data sample {lo + j}")
-            yield cfg.batch, rt.stage(S.collate(part), shard=not own)
+                    _check_like(S.inputs_only([x])[0], example, f"training data sample {base + j}")
+            if tracing:
+                for j, x in enumerate(part):
+                    S.trace("keep", base + j, S.digest(x))
+            yield cfg.batch, rt.stage(share.take(S.collate(part)), shard=False)
 
     batches = S.prefetch(staged()) if rt.kind == "module" else staged()    # module: made while the GPU works
     log_file = open(out / ck.LOG, "a") if out is not None and world.main else None

@@ -9,6 +9,11 @@ trains the module student (:mod:`fbqc.qat.students.modules`) on its slice of eve
   teacher is sharded the same way. Parameters stay fp32 (bf16 autocast computes), so the fake quant
   sees the same weights as on one process.
 
+Rank-0 loading: only rank 0 builds the model with its weights; the other ranks build it on the meta
+device (:func:`build_on_meta`) and, once wrapped, receive rank 0's tensors (:func:`load_from_rank0`), so
+host RAM holds one loaded copy of the weights (rank 0's), not a model and a teacher copy per process
+(:func:`host_report` measures each process).
+
 Checkpoints hold *full* (unsharded, FQN-keyed) model and optimizer state
 (``torch.distributed.checkpoint.state_dict``), so a run resumes on any number of processes and
 with either strategy. The global batch is the model file's batch: with N processes each takes
@@ -209,6 +214,117 @@ def load_full_state(model: torch.nn.Module, optimizer, msd: dict, osd: dict | No
     set_model_state_dict(model, msd, options=_options())
     if osd is not None:
         set_optimizer_state_dict(model, optimizer, osd, options=_options())
+
+
+# ---- rank-0 loading: only rank 0 holds the weights; the other ranks build on meta and receive them ----
+
+
+def build_on_meta() -> bool:
+    """Whether this process builds the model on the meta device: a rank other than 0 of ``torchrun``
+    (``fbqc train --nproc N``): its weights come from rank 0 (:func:`load_from_rank0`)."""
+    return under_torchrun() and int(os.environ.get("RANK", "0")) != 0 and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def on_meta(module: torch.nn.Module) -> bool:
+    """Any parameter or buffer of ``module`` on the meta device."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` on ``device``: moved, or — built on meta — storage allocated there (``to_empty``: values
+    undefined until :func:`load_from_rank0`). After FSDP2's ``fully_shard`` only the local shards are
+    allocated; a real sharded module is left as it is (``fully_shard`` moved its shards)."""
+    if on_meta(module):
+        return module.to_empty(device=device)
+    sharded = any(hasattr(p, "to_local") for p in module.parameters())
+    return module if sharded else module.to(device)
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: buffer}`` of the buffers a state dict leaves out (``persistent=False``: the bit-widths of
+    :mod:`fbqc.qat.students.modules`, a model's precomputed tables), in module order."""
+    return {f"{prefix}{'.' if prefix else ''}{name}": b for prefix, m in module.named_modules()
+            for name, b in m._buffers.items() if b is not None and name in m._non_persistent_buffers_set}
+
+
+def rank0_source(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What rank 0 hands out (:func:`load_from_rank0`): ``module``'s full state dict and its non-persistent
+    buffers, by name — references to its tensors, no copy. Take it before ``fully_shard`` replaces them."""
+    return module.state_dict(), non_persistent_buffers(module)
+
+
+def _pg_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def load_from_rank0(module: torch.nn.Module, source: tuple[dict, dict] | None, world: World) -> None:
+    """Collective: every rank's ``module`` (plain, or FSDP2-sharded; materialized, e.g. by
+    :func:`materialize` after a meta build) gets rank 0's ``source`` (:func:`rank0_source`; None on the
+    other ranks, which need no copy of the weights).
+
+    The state dict goes through ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``:
+    one tensor at a time, each rank keeping its FSDP2 shard of it (or the whole tensor when ``module`` is
+    not sharded); the non-persistent buffers, which no state dict holds, are broadcast one by one.
+    Bit-exact: every rank ends with rank 0's values.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if world.main and source is None:
+        raise ValueError("rank 0 must pass the full state it loads the other ranks from")
+    state, buffers = source if world.main else ({}, {})
+    set_model_state_dict(module, dict(state), options=_options(broadcast_from_rank0=True))   # it fills the dict in
+    device = _pg_device()
+    for name, b in non_persistent_buffers(module).items():
+        t = b if b.device == device else torch.empty_like(b, device=device)
+        if world.main:
+            src = buffers.get(name)
+            if src is None:
+                raise KeyError(f"rank 0's source has no buffer {name}")
+            if src is not t:
+                t.copy_(src)
+        if world.size > 1:
+            dist.broadcast(t, src=0)
+        if t is not b:
+            b.copy_(t)
+
+
+#: this process's resident memory at named moments (bytes): :func:`note_host`, :func:`host_report`
+_HOST: dict[str, int] = {}
+
+
+def host_memory() -> dict[str, int]:
+    """This process's host memory, bytes: ``rss`` (resident now) and ``peak`` (its high-water mark),
+    from ``/proc/self/status`` (VmRSS, VmHWM); elsewhere both are the peak ``getrusage`` reports."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+        return {"rss": kib["VmRSS"] * 1024, "peak": kib["VmHWM"] * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"rss": peak, "peak": peak}
+
+
+def note_host(moment: str) -> None:
+    """Remember this process's resident memory now as ``moment`` (e.g. before the model is built)."""
+    _HOST[moment] = host_memory()["rss"]
+
+
+def host_report(world: World, **facts: Any) -> list[dict[str, Any]]:
+    """Collective: every process's host memory (MiB): resident before and after the model was built (if
+    noted: :func:`note_host`), its peak so far and resident now, plus ``facts`` — one row per rank, on
+    every rank."""
+    mib = lambda b: None if b is None else round(b / 2**20, 1)        # noqa: E731
+    now = host_memory()
+    row = {"rank": world.rank, "rss_before_model_mib": mib(_HOST.get("before model")),
+           "rss_after_model_mib": mib(_HOST.get("after model")), "peak_mib": mib(now["peak"]),
+           "rss_mib": mib(now["rss"]), **facts}
+    if world.size == 1 or not dist.is_initialized():
+        return [row]
+    rows: list[Any] = [None] * world.size
+    dist.all_gather_object(rows, row)
+    return rows
 
 
 class Pending:

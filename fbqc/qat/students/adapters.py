@@ -124,9 +124,18 @@ class ModuleAdapter(_Adapter):
         self.world, self.device, self.strategy = world, device, strategy
         self.sharded = strategy == "fsdp"
         model.eval()
+        # rank-0 loading: with N > 1 processes only rank 0 holds the weights as loaded; the other ranks'
+        # models may be built on the meta device (fbqc train builds them so: no host copy), and every
+        # rank's student and teacher get rank 0's values once sharded/placed (D.load_from_rank0)
+        share = world.size > 1
+        if share and world.main and D.on_meta(model):
+            raise ValueError("rank 0's model has weights on the meta device: the other processes load "
+                             "theirs from rank 0, which must hold real ones")
+        built_on_meta = D.on_meta(model)
         cached = getattr(cfg, "teacher_cache", False)   # --teacher-cache: no teacher at all
-        teacher = None if cached else copy.deepcopy(model).requires_grad_(False)
+        teacher = None if cached else (_meta_copy(model) if share else copy.deepcopy(model)).requires_grad_(False)
         quantize_modules(model, specs, cfg.act_quant)
+        source = D.rank0_source(model) if share and world.main else None    # references: no copy
         trainable = _trainable(cfg.blocks_only)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
@@ -138,7 +147,7 @@ class ModuleAdapter(_Adapter):
                 p.data = p.data.to(bf16)
         for m, sharded in ((model, self.sharded), (teacher, shard_teacher))[:1 if cached else 2]:
             if not sharded:
-                m.to(device)          # fsdp: fully_shard moves each shard, never the whole model
+                D.materialize(m, device)   # fsdp: fully_shard moves each shard, never the whole model
             blocks = [b for _, b in block_modules(m)]
             if cfg.checkpoint_blocks:
                 from torch.distributed._composable import checkpoint
@@ -155,8 +164,16 @@ class ModuleAdapter(_Adapter):
         self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
                                 trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit)
                          if shard_teacher and teacher is not None else teacher)
+        if share:
+            for m, sharded in ((model, self.sharded), (teacher, shard_teacher))[:1 if cached else 2]:
+                if sharded:
+                    D.materialize(m, device)   # meta shards: allocated on the device, filled next
+                D.load_from_rank0(m, source, world)
+        del source                             # rank 0: its loaded copy goes
         self.bits = module_bits(model)          # after wrapping: fully_shard moves the buffers
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        #: host memory per process after set-up (MiB; rank 0 holds the loaded copy, the others their shards)
+        self.host = D.host_report(world, built_on_meta=built_on_meta)
 
     def student(self, **sample):
         return self.wrapped(**sample, **self.kwargs)
@@ -179,7 +196,21 @@ class ModuleAdapter(_Adapter):
         return D.full_state(self.wrapped)[0]
 
     def close(self) -> None:
+        peaks = D.host_report(self.world)              # collective: every process's peak over the run
+        for row, end in zip(self.host, peaks):
+            row["run_peak_mib"] = end["peak_mib"]
         self.world.barrier()
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the meta device (no memory): the
+    teacher of a multi-process run, filled from rank 0's weights once placed."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
 
 def _teacher_fn(teacher, device) -> tuple[Callable | None, torch.nn.Module | None]:
@@ -197,4 +228,4 @@ def _teacher_fn(teacher, device) -> tuple[Callable | None, torch.nn.Module | Non
 
 def describe(rt: _Adapter) -> dict[str, Any]:
     return {"student": rt.kind, "processes": rt.world.size,
-            **({"strategy": rt.strategy} if isinstance(rt, ModuleAdapter) else {})}
+            **({"strategy": rt.strategy, "host_ram": rt.host} if isinstance(rt, ModuleAdapter) else {})}

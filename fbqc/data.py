@@ -177,8 +177,24 @@ def indexed(data) -> bool:
 
 
 def batch_rows(sample: dict) -> int:
-    """The rows of a sample along dim 0: the longest first dimension of its tensors (0: none)."""
+    """The rows of a sample along dim 0 (0: no tensor): ``hidden_states``' first dimension where the
+    sample has it (every diffusers transformer does), else the longest first dimension of its tensors."""
+    h = sample.get("hidden_states")
+    if isinstance(h, torch.Tensor) and h.dim() > 0:
+        return h.shape[0]
     return max((v.shape[0] for v in sample.values() if isinstance(v, torch.Tensor) and v.dim() > 0), default=0)
+
+
+def batched(sample: dict) -> set[str]:
+    """The names of the tensors that carry the batch along dim 0. With ``hidden_states``: those whose first
+    dimension is its (a tensor whose first dimension differs — FLUX's ``img_ids``/``txt_ids``, positions
+    without a batch dimension — is shared by the samples of a batch, not concatenated or split); without
+    it, every tensor with a dimension."""
+    tensors = {k: v for k, v in sample.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if "hidden_states" not in tensors:
+        return set(tensors)
+    rows = tensors["hidden_states"].shape[0]
+    return {k for k, v in tensors.items() if v.shape[0] == rows}
 
 
 @dataclass(frozen=True)
@@ -220,9 +236,8 @@ class Share:
         if self.rows is None:
             return collated
         lo, hi = self.rows
-        n = batch_rows(collated)
-        return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
-                for k, v in collated.items()}
+        n, keys = batch_rows(collated), batched(collated)
+        return {k: v[lo:hi] if k in keys and v.shape[0] == n else v for k, v in collated.items()}
 
     def describe(self, map_style: bool) -> str:
         if self.size == 1:
@@ -291,11 +306,22 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples concatenated along dim 0 (tensors with a batch dimension; other values from the first)."""
+    """Samples concatenated along dim 0 (their batched tensors, :func:`batched`); other values from the
+    first sample — a tensor without a batch dimension must be the same in every sample of a batch."""
     if len(samples) == 1:
         return samples[0]
-    return {k: torch.cat([x[k] for x in samples]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-            for k, v in samples[0].items()}
+    keys = batched(samples[0])
+    out = {}
+    for k, v in samples[0].items():
+        if k in keys:
+            out[k] = torch.cat([x[k] for x in samples])
+            continue
+        if isinstance(v, torch.Tensor) and any(not torch.equal(x[k], v) for x in samples[1:]):
+            raise UserError(f"input {k!r} {tuple(v.shape)} has no batch dimension (its first dimension is not "
+                            f"hidden_states') and differs between the samples of a batch, so they cannot be "
+                            f"batched together; give every sample the same {k!r} or use --batch 1")
+        out[k] = v
+    return out
 
 
 def source(data, data_note: str | None, example: dict, seed: int) -> tuple[Callable[[], Iterable], str]:

@@ -104,3 +104,53 @@ def test_a_batch_whose_rows_do_not_split_is_one_line_naming_the_fix():
     assert S.Share.of(1, 2, 1, 4).rows == (2, 4)                          # the one sample, its last 2 rows
     s = S.Share.of(3, 2, 1, 4)                                              # 12 rows: 6..11 = samples 1, 2
     assert (s.first, s.stop, s.rows) == (1, 3, (2, 8))
+
+
+def test_inputs_without_a_batch_dimension_are_shared_not_concatenated():
+    """FLUX's img_ids / txt_ids have no batch dimension: a batch of samples keeps one copy, and a process's
+    rows are cut from the batched tensors only (before, collate concatenated them into (2·64, 3))."""
+    from fbqc.errors import UserError
+
+    def sample(i):
+        g = torch.Generator().manual_seed(i)
+        return {"hidden_states": torch.randn(1, 64, 4, generator=g), "timestep": torch.tensor([float(i)]),
+                "img_ids": torch.arange(64 * 3.0).reshape(64, 3), "txt_ids": torch.zeros(8, 3),
+                "guidance": None}
+
+    one = [sample(i) for i in range(4)]
+    assert S.batched(one[0]) == {"hidden_states", "timestep"} and S.batch_rows(one[0]) == 1
+    b = S.collate(one)
+    assert b["hidden_states"].shape == (4, 64, 4) and b["timestep"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert b["img_ids"] is one[0]["img_ids"] and b["txt_ids"].shape == (8, 3) and b["guidance"] is None
+    share = S.Share.of(2, 2, 1, S.batch_rows(one[0]))                 # 2 samples over 2 processes: whole
+    assert (share.first, share.stop) == (1, 2) and share.take(S.collate(one[1:2]))["img_ids"].shape == (64, 3)
+    rows = S.Share.of(1, 2, 1, 4)                                      # hidden_states of 4 rows, split 2 + 2
+    x = {**one[0], "hidden_states": torch.randn(4, 64, 4), "timestep": torch.arange(4.0)}
+    got = rows.take(x)
+    assert got["hidden_states"].shape == (2, 64, 4) and got["timestep"].tolist() == [2.0, 3.0]
+    assert got["img_ids"].shape == (64, 3)                             # shared: never cut into rows
+    from fbqc.qat.parallel.dist import World, shard_batch
+
+    cut = shard_batch(S.collate(one[:2]), World(1, 2, 1, False))
+    assert cut["hidden_states"].shape == (1, 64, 4) and cut["img_ids"].shape == (64, 3)
+    different = [one[0], {**one[1], "img_ids": one[1]["img_ids"] + 1}]
+    with pytest.raises(UserError, match=r"input 'img_ids' \(64, 3\) has no batch dimension .* differs"):
+        S.collate(different)
+
+
+def test_flux_trains_two_samples_per_process(tmp_path):
+    """`fbqc train examples/flux_schnell.py --batch 2` (one process, the module student): before, collate
+    concatenated img_ids / txt_ids and the forward failed ("size of tensor a (72) must match … (144)")."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import example
+
+    from fbqc.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", str(example("flux_schnell")), "--preset", "tiny", "--batch", "2",
+                                  "--steps", "2", "--schedule", "direct", "--strategy", "ddp", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(x["loss"] > 0 for x in rows)

@@ -120,15 +120,15 @@ def shard_batch(sample: dict[str, Any], world: World) -> dict[str, Any]:
     """This rank's slice (along dim 0) of every batched tensor of ``sample``."""
     if world.size == 1:
         return sample
-    sizes = {v.shape[0] for v in sample.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    batch = max(sizes) if sizes else 0
+    from fbqc.data import batch_rows, batched
+
+    batch, keys = batch_rows(sample), batched(sample)
     if batch % world.size:
         raise UserError(f"the batch ({batch} samples) does not split over {world.size} processes; "
                         f"use a batch that is a multiple of --nproc")
     per = batch // world.size
     lo = world.rank * per
-    return {k: v[lo:lo + per] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
-            for k, v in sample.items()}
+    return {k: v[lo:lo + per] if k in keys and v.shape[0] == batch else v for k, v in sample.items()}
 
 
 def check_grad_reduce(grad_reduce: str, device: str) -> None:

@@ -112,5 +112,5 @@ class CpuBackend:
             return []
         from .c_emit import build_command
 
-        return [("C" if short else "C reference", f"in the artifact directory: {build_command(c['cflags'])} && "
-                 f"./run inputs.bin outputs.bin (see README.md)")]
+        return [("C" if short else "C reference", f"{build_command(c['cflags'])}; ./run inputs.bin outputs.bin "
+                 f"(README.md)")]

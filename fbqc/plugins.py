@@ -119,22 +119,18 @@ def split_flags(command: str, backend_name: str, given: dict[str, Any], what: st
     after "the <backend> backend", e.g. "checks every layer and the whole model")."""
     from fbqc.backends.base import flags_of
 
-    backend = load_backend(backend_name)
+    backend = load_backend(backend_name)          # an unknown --target: an error even without flags
+    out = {k: v for k, v in given.items() if v is not None}
     own = {n for n, _ in flags_of(options_class(backend, command))}
-    owners = flag_owners(command)
-    out = {}
-    for field_name, value in given.items():
-        if value is None:
-            continue
-        if field_name not in own:
-            f, by = owners.get(field_name, (None, []))
-            flag = f.metadata["flag"] if f is not None else "--" + field_name.replace("_", "-")
-            raise UserError(f"{flag} is for {'/'.join(by) or 'other'} artifacts; the {backend_name} backend "
-                            f"{what}" if command != "compile" else
-                            f"{flag} is an option of the {'/'.join(by) or 'other'} backend, not of "
-                            f"--target {backend_name}")
-        out[field_name] = value
-    return out
+    foreign = next((k for k in out if k not in own), None)
+    if foreign is None:
+        return out
+    f, by = flag_owners(command).get(foreign, (None, []))       # only now: every backend is loaded
+    flag = f.metadata["flag"] if f is not None else "--" + foreign.replace("_", "-")
+    owner = "/".join(by) or "other"
+    if command == "compile":
+        raise UserError(f"{flag} is an option of the {owner} backend, not of --target {backend_name}")
+    raise UserError(f"{flag} is for {owner} artifacts; the {backend_name} backend {what}")
 
 
 def describe_artifact(section: dict[str, Any], short: bool = False) -> list[tuple[str, str]]:

@@ -71,6 +71,10 @@ class Reference:
                 if n.op == "call_function" and n.target in LAYER_OPS}
 
     def layer_codes(self, inputs: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+        return self.run_recording(inputs)[1]
+
+    def run_recording(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """One forward: the outputs (as :meth:`run`) and each layer's codes (as :meth:`layer_codes`)."""
         names = {n.name: layer for layer, n in self.layers().items()}
         seen: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -81,8 +85,8 @@ class Reference:
 
         shadow, _ = hooked(self.program, lambda n: n.name in names, record)
         with torch.no_grad():
-            shadow(**inputs)
-        return seen
+            outputs = flat_tensors(shadow(**inputs))
+        return outputs, seen
 
     def constants(self, node: torch.fx.Node) -> list[Any]:
         """Arguments of an integer layer node with get_attr constants resolved to tensors."""

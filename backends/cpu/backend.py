@@ -84,9 +84,9 @@ class CpuBackend:
         from fbqc.artifact import read_manifest
         from fbqc.artifact_verify import compare_with_reference
 
-        loaded = self.load(directory)
-        result = compare_with_reference(Path(directory), loaded, io)
-        section = read_manifest(Path(directory)).get("backend", {}).get("c")
+        loaded, manifest = self.load(directory), read_manifest(Path(directory))
+        result = compare_with_reference(Path(directory), loaded, io, manifest)
+        section = manifest.get("backend", {}).get("c")
         if section:                                 # --emit-c: build, run and compare the C program
             from .c_emit.check import check_emitted_c
 

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from fbqc import data as S
 from fbqc.data import _check_like
-from fbqc.passes.insert_fake_quant import bits_buffers
 from fbqc.fx_utils import flat_tensors
+from fbqc.passes.insert_fake_quant import bits_buffers
 from fbqc.program import Program
 from fbqc.spec import QuantSpec
 
@@ -218,9 +218,7 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
         run.setdefault("data_split", []).append(
             {"from_step": start, "processes": world.size, "map_style": map_style,
              "per_process": "samples" if share.whole else "rows", "note": split})
-        tmp = out / (ck.RUN + ".tmp")
-        tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
-        tmp.replace(out / ck.RUN)
+        ck.write_run(out, run)
     tracing, at = S.tracing(), position
 
     def staged():

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fbqc.errors import UserError
+from fbqc.memory import process_memory
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 GRAD_REDUCE = ("fp32", "bf16")
@@ -292,23 +293,9 @@ def load_from_rank0(module: torch.nn.Module, source: tuple[dict, dict] | None, w
 _HOST: dict[str, int] = {}
 
 
-def host_memory() -> dict[str, int]:
-    """This process's host memory, bytes: ``rss`` (resident now) and ``peak`` (its high-water mark),
-    from ``/proc/self/status`` (VmRSS, VmHWM); elsewhere both are the peak ``getrusage`` reports."""
-    try:
-        with open("/proc/self/status") as f:
-            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
-        return {"rss": kib["VmRSS"] * 1024, "peak": kib["VmHWM"] * 1024}
-    except (OSError, KeyError, ValueError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return {"rss": peak, "peak": peak}
-
-
 def note_host(moment: str) -> None:
     """Remember this process's resident memory now as ``moment`` (e.g. before the model is built)."""
-    _HOST[moment] = host_memory()["rss"]
+    _HOST[moment] = process_memory()["rss"]
 
 
 def host_report(world: World, **facts: Any) -> list[dict[str, Any]]:
@@ -316,7 +303,7 @@ def host_report(world: World, **facts: Any) -> list[dict[str, Any]]:
     noted: :func:`note_host`), its peak so far and resident now, plus ``facts`` — one row per rank, on
     every rank."""
     mib = lambda b: None if b is None else round(b / 2**20, 1)        # noqa: E731
-    now = host_memory()
+    now = process_memory()
     row = {"rank": world.rank, "rss_before_model_mib": mib(_HOST.get("before model")),
            "rss_after_model_mib": mib(_HOST.get("after model")), "peak_mib": mib(now["peak"]),
            "rss_mib": mib(now["rss"]), **facts}

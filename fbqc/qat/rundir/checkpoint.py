@@ -83,7 +83,11 @@ def load_checkpoint(run: Path) -> dict[str, Any]:
 
 
 def write_run(out: Path, run: dict[str, Any]) -> None:
-    (out / RUN).write_text(json.dumps({"format": FORMAT, **run}, indent=2, default=str) + "\n")
+    """``run.json``, written to a temporary file and renamed: a reader never sees half of it."""
+    path = Path(out) / RUN
+    tmp = path.with_name(f".{path.name}.tmp")       # a hidden .tmp, as _atomic_save: fbqc's own (fbqc.outputs)
+    tmp.write_text(json.dumps({"format": FORMAT, **run}, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def read_run(run: str | Path) -> dict[str, Any]:

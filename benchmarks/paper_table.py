@@ -1,201 +1,216 @@
-"""A small, real reproduction of FraQAT's table (DESIGN.md §6): PTQ vs direct / integer / fractional QAT.
+"""FraQAT's table, small and real (DESIGN.md §6): which QAT schedule wins, per architecture, on one teacher.
 
-1. Train a tiny ``SanaTransformer2DModel`` teacher here on scikit-learn's 8×8 digits (class-conditional
-   through fixed random "caption" embeddings, rectified-flow objective, timesteps σ·1000).
-2. Export it with fbqc, quantize to W4A8 (every linear / 1×1 conv in the blocks) by PTQ (calibration
-   only) and by QAT with the ``direct``, ``integer`` and ``fractional`` schedules at equal compute (same
-   steps and batch, KD against the teacher, dynamic per-sample INT8 activations while training); then
-   static activation calibration (3σ) as for deployment.
-3. Sample every model with diffusers' ``FlowMatchEulerDiscreteScheduler`` from the same noises and
-   labels as the teacher; score against the teacher's own samples: Fréchet distance on the features of
-   a small digit classifier trained here ("FID"), PSNR, and the classifier's label accuracy.
-The teacher is trained once (seed 0); each seed changes the QAT data order, the calibration batches and
-the sampling noises. Writes results.json, table.md and loss_curves.png to --out.
+Per architecture (``--arch``: tiny Sana, PixArt-Σ, SD3.5-M and FLUX transformers, :mod:`paper_archs`):
 
-    python benchmarks/paper_table.py --device cuda        # the README's table (one H200: ~7 min)
-    python benchmarks/paper_table.py --seeds 2 --teacher-steps 300 --qat-steps 40 --samples 128 \
-        --sample-steps 10 --width 32 --layers 2 --batch 32 --classifier-steps 1000   # reduced CPU run
+1. Train one teacher on scikit-learn's 8×8 digits (:mod:`paper_digits`; deterministic algorithms, a
+   fixed data order) and save it (``OUT/teachers/ARCH.pt``), or load it (``--teacher DIR``).
+2. Export it with fbqc and make every student from that one teacher: W4A8 (each linear / 1×1 conv in
+   the blocks) by PTQ (calibration only) or by QAT with a schedule at equal compute (same steps, batch,
+   KD against the teacher, dynamic INT8 activations while training), then static activation
+   calibration as for deployment. A method is ``ptq`` or ``SCHEDULE[+KEY=VALUE…]``: SCHEDULE as for
+   ``fbqc train --schedule`` (``direct``, ``integer``, ``fractional``, ``continuous``, ``NAME@SHARE``,
+   ``BITS:PARTS,…``), KEY one of rewarm, moments, lr, warmup (e.g. ``fractional+moments=reset``).
+3. Sample every model from the same noises and labels per seed; score against the teacher's samples
+   with ``fbqc eval``'s metric code (:mod:`fbqc.image_metrics`: FID in a digit classifier's features,
+   PSNR, SSIM on the uint8 images) plus the classifier's label accuracy. A seed fixes the QAT data
+   order, the calibration batches and the sampling noises, so the methods are paired per seed.
+
+Students run in parallel processes (``--jobs``). Writes results.json, table.md, loss_curves.png to --out.
+
+    python benchmarks/paper_table.py --device cuda --jobs 8       # the README's table (one H200)
+    python benchmarks/paper_table.py --reduced                      # CPU-sized (CI smoke-tests it)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import fbqc
-import fbqc.qat
-from fbqc.passes import AnnotateLinears, Calibrate, InsertFakeQuant
-from fbqc.qat.students.program import on_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_archs  # noqa: E402
+import paper_digits as D  # noqa: E402
+import paper_report as R  # noqa: E402
 
-TOKENS, CAPTION = 4, 16           # "caption": 4 tokens × 16 channels per class (fixed random table)
-METHODS = ("ptq", "direct", "integer", "fractional")
-
-
-def digits(size: int):
-    """(images in [-1, 1] as (N, 1, size, size), labels), train/test split 80/20 (fixed)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(x))
-    return (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
+METHODS = ("ptq", "direct", "integer", "fractional", "continuous")
+REFERENCE = "fractional"                     # the paired deltas are against fbqc train's default
+REMEDY = {"rewarm": int, "moments": str, "lr": float, "warmup": int}
+REDUCED = ["--seeds", "2", "--teacher-steps", "150", "--qat-steps", "24", "--samples", "64", "--sample-steps",
+           "6", "--width", "32", "--layers", "2", "--batch", "32", "--classifier-steps", "300", "--calib-batches",
+           "2"]
+_STATE: dict = {}                            # per process: args, data, classifier, teachers (cached)
 
 
-CAPTIONS = torch.randn(10, TOKENS, CAPTION, generator=torch.Generator().manual_seed(1234))
+def method_config(method: str, a) -> tuple[str | None, dict]:
+    """``ptq`` → (None, {}); ``SCHEDULE+KEY=VALUE…`` → (schedule, fbqc.qat.train keywords)."""
+    if method == "ptq":
+        return None, {}
+    schedule, *extra = method.split("+")
+    kw = {"lr": a.qat_lr, "warmup": a.qat_steps // 20}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or key not in REMEDY:
+            raise ValueError(f"method {method!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(REMEDY)}")
+        try:
+            kw[key] = REMEDY[key](value)
+        except ValueError:
+            raise ValueError(f"method {method!r}: {key}={value!r} is not a {REMEDY[key].__name__}") from None
+    return schedule, kw
 
 
-def make_teacher(a) -> torch.nn.Module:
-    from diffusers import SanaTransformer2DModel
+# ---- work done in the worker processes ------------------------------------------------------------
 
-    torch.manual_seed(0)
-    heads = 2
-    return SanaTransformer2DModel(
-        in_channels=1, out_channels=1, num_attention_heads=heads, attention_head_dim=a.width // heads,
-        num_layers=a.layers, num_cross_attention_heads=heads, cross_attention_head_dim=a.width // heads,
-        cross_attention_dim=a.width, caption_channels=CAPTION, sample_size=a.size, patch_size=1,
-        interpolation_scale=1)
-
-
-def noised(x0, labels, g):
-    """Rectified flow: x_t = (1-σ)x0 + σε, target v = ε - x0, timestep σ·1000."""
-    sigma = torch.rand(len(x0), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    s = sigma.view(-1, 1, 1, 1)
-    inputs = {"hidden_states": (1 - s) * x0 + s * eps, "encoder_hidden_states": CAPTIONS[labels],
-              "timestep": sigma * 1000.0}
-    return inputs, eps - x0
+def _init(a, counter=None) -> None:
+    """A worker: threads, determinism, data, classifier; with ``--device cuda`` and several GPUs the
+    workers take them in turn (``counter``: a shared worker count)."""
+    torch.set_num_threads(max(1, a.threads))
+    if counter is not None and a.device == "cuda" and torch.cuda.device_count() > 1:
+        with counter.get_lock():
+            index, counter.value = counter.value, counter.value + 1
+        a = argparse.Namespace(**{**vars(a), "device": f"cuda:{index % torch.cuda.device_count()}"})
+        torch.cuda.set_device(a.device)
+    _STATE.clear()
+    _STATE.update(args=a, varies=D.deterministic(a.device), data=D.digits(a.size))
+    clf = D.Classifier(a.size)
+    clf.load_state_dict(torch.load(Path(a.out) / "classifier.pt"))
+    _STATE["clf"] = clf.eval()
 
 
-def stream(x, y, batch: int, seed: int):
-    """Factory of an endless deterministic stream of noised batches (the QAT / calibration data)."""
-    def factory():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            idx = torch.randint(len(x), (batch,), generator=g)
-            yield noised(x[idx], y[idx], g)[0]
-    return factory
+def _seed_draw(seed: int, n: int, a, test_x):
+    g = torch.Generator().manual_seed(10_000 + seed)
+    noises = torch.randn(n, 1, a.size, a.size, generator=g)
+    labels = torch.arange(n) % 10
+    real = test_x[torch.randint(len(test_x), (n,), generator=g)]
+    return noises, labels, real
 
 
-def train_teacher(a, x, y, log):
-    model = make_teacher(a).to(a.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
+def _n(a) -> int:
+    return a.batch * math.ceil(a.samples / a.batch)
+
+
+def score(samples: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """FID / PSNR / SSIM through fbqc.image_metrics (uint8 images, as ``fbqc eval`` scores PNGs), label acc."""
+    from fbqc import image_metrics as M
+
+    s8, r8 = D.to_uint8(samples), D.to_uint8(reference)
+    net = M.FeatureNet(D.DigitFeatures(_STATE["clf"]), r8[:2], what="the digit feature network")
+    pairs = [M.psnr_ssim(s8[i:i + 1], r8[i:i + 1]) for i in range(len(s8))]
+    with torch.no_grad():
+        acc = float((_STATE["clf"](s8[:, :1].float() / 127.5 - 1.0).argmax(1) == labels).float().mean())
+    return {"fid": M.fid_with(net, [s8], [r8]), "psnr": float(np.mean([p for p, _ in pairs])),
+            "ssim": float(np.mean([s for _, s in pairs])), "label_acc": acc}
+
+
+def _teacher_program(arch_name: str):
+    """The exported teacher of ``arch_name`` (cached per process) from OUT/teachers/ARCH.pt."""
+    import fbqc
+
+    if arch_name not in _STATE.setdefault("teachers", {}):
+        a, arch = _STATE["args"], paper_archs.ARCHS[arch_name]
+        saved = torch.load(Path(a.out) / "teachers" / f"{arch_name}.pt")
+        model = arch.make(a.width, a.layers, a.size, D.CAPTION)
+        model.load_state_dict(saved["state"])
+        (x, y), _ = _STATE["data"]
+        ex = next(D.stream(arch, x, y, a.batch, 0)())
+        _STATE["teachers"][arch_name] = fbqc.export(model.eval(), ex, source=f"paper_table {arch_name} teacher")
+    return _STATE["teachers"][arch_name]
+
+
+def teacher_job(arch_name: str) -> dict:
+    """Train (or load) the teacher, save it, sample its references per seed; its scores vs real digits."""
+    from fbqc.qat.students.program import on_device
+
+    a, arch = _STATE["args"], paper_archs.ARCHS[arch_name]
+    (x, y), (tx, _) = _STATE["data"]
+    t0, path = time.perf_counter(), Path(a.out) / "teachers" / f"{arch_name}.pt"
+    config = {"arch": arch_name, "width": a.width, "layers": a.layers, "size": a.size, "batch": a.batch,
+              "teacher_steps": a.teacher_steps, "lr": a.lr}
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        given = Path(a.teacher) / f"{arch_name}.pt" if a.teacher else None
+        if given is not None and (given.is_file() or not a.train_missing):
+            saved = _load_teacher(given, config)
+            curve, source = saved["loss"], f"loaded from {a.teacher}"
+        else:
+            model, curve = D.train_teacher(arch, a, x, y, lines.append)
+            saved = {"state": model.state_dict(), "config": config, "loss": curve}
+            source = f"trained here (not in --teacher {a.teacher})" if given is not None else "trained here"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(saved, tmp)
+        tmp.replace(path)
+        teacher = _teacher_program(arch_name)
+        fn, refs, scores = on_device(teacher, a.device), {}, []
+        for seed in range(a.seeds):
+            noises, labels, real = _seed_draw(seed, _n(a), a, tx)
+            refs[seed] = D.sample(fn, arch, noises, labels, a)
+            scores.append(score(refs[seed], real, labels))
+        teacher.graph_module.to("cpu")          # on_device moved the cached teacher's parameters in place
+    torch.save(refs, path.with_name(f"{arch_name}-refs.pt"))
+    return {"arch": arch_name, "describe": arch.describe(a.width, a.layers), "source": source, "log": lines,
+            "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])) if curve else None,
+            "curve": curve, "vs_real": scores, "seconds": round(time.perf_counter() - t0, 1),
+            "nondeterministic": D.nondeterministic_warnings(caught) + _STATE["varies"]}
+
+
+def _load_teacher(path: Path, config: dict) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"--teacher: {path} does not exist; train it with a run without --teacher (it is "
+                         f"saved as OUT/teachers/{path.name})")
+    saved = torch.load(path)
+    diff = {k: (saved["config"].get(k), v) for k, v in config.items()
+            if k in ("arch", "width", "layers", "size") and saved["config"].get(k) != v}
+    if diff:
+        raise SystemExit(f"--teacher {path}: made with " + ", ".join(f"{k} {s}" for k, (s, _) in diff.items())
+                         + "; give the same --width/--layers/--size or train a new teacher")
+    return saved
+
+
+def student_job(arch_name: str, method: str, seed: int) -> dict:
+    """One student of the shared teacher: quantize (PTQ or QAT), calibrate, sample, score."""
+    import fbqc
+    import fbqc.qat
+    from fbqc.passes import AnnotateLinears, Calibrate, InsertFakeQuant
+    from fbqc.qat.students.program import on_device
+
+    a, arch = _STATE["args"], paper_archs.ARCHS[arch_name]
+    (x, y), (tx, _) = _STATE["data"]
     t0 = time.perf_counter()
-    for step in range(a.teacher_steps):
-        idx = torch.randint(len(x), (a.batch,), generator=g)
-        inputs, target = noised(x[idx], y[idx], g)
-        for grp in opt.param_groups:     # warm-up then cosine decay
-            grp["lr"] = a.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / a.teacher_steps))
-        pred = model(**{k: v.to(a.device) for k, v in inputs.items()}, return_dict=False)[0]
-        loss = F.mse_loss(pred, target.to(a.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % max(1, a.teacher_steps // 10) == 0:
-            log(f"  teacher step {step + 1}/{a.teacher_steps}: flow-matching loss {float(loss.detach()):.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
-    return model.eval().to("cpu")
-
-
-@torch.no_grad()
-def sample(fn, noises, labels, a):
-    """Euler flow-matching sampler (diffusers FlowMatchEulerDiscreteScheduler), batch by batch."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    out = []
-    for i in range(0, len(noises), a.batch):
-        sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-        sch.set_timesteps(a.sample_steps)
-        x = noises[i:i + a.batch].to(a.device)
-        enc = CAPTIONS[labels[i:i + a.batch]].to(a.device)
-        for t in sch.timesteps:
-            v = fn(hidden_states=x, encoder_hidden_states=enc, timestep=t.expand(len(x)).to(a.device))[0]
-            x = sch.step(v, t, x).prev_sample
-        out.append(x.float().cpu())
-    return torch.cat(out).clamp(-1, 1)
-
-
-class Classifier(torch.nn.Module):
-    """A small digit classifier; its 64-d penultimate layer is the feature space of our "FID"."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size * size, 128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, 64), torch.nn.ReLU())
-        self.head = torch.nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def train_classifier(a, train, test, log) -> Classifier:
-    torch.manual_seed(0)
-    clf = Classifier(a.size)
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    x, y = train
-    for _ in range(a.classifier_steps):
-        idx = torch.randint(len(x), (128,), generator=g)
-        xb = x[idx] + 0.1 * torch.randn(x[idx].shape, generator=g)         # a little noise: robust features
-        loss = F.cross_entropy(clf(xb), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    clf.eval()
-    with torch.no_grad():
-        acc = float((clf(test[0]).argmax(1) == test[1]).float().mean())
-    log(f"  classifier: test accuracy {acc:.3f} on {len(test[0])} held-out digits")
-    return clf
-
-
-def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance of two Gaussians fitted to feature sets (float64, symmetric square roots)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def scores(clf, samples, reference, labels) -> dict[str, float]:
-    with torch.no_grad():
-        fs, fr = clf.body(samples).double().numpy(), clf.body(reference).double().numpy()
-        acc = float((clf(samples).argmax(1) == labels).float().mean())
-    mse = ((samples - reference) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return {"fd": frechet(fs, fr), "psnr": float((10 * torch.log10(4.0 / mse)).mean()), "label_acc": acc}
-
-
-def quantize(teacher, method: str, seed: int, a, x, y, log):
-    """W4A8 student of ``teacher`` (EXPORTED program): PTQ or QAT with a schedule, then calibrated."""
+    schedule, kw = method_config(method, a)
+    teacher = _teacher_program(arch_name)
     student = fbqc.PassManager([AnnotateLinears(a.bits), InsertFakeQuant()])(teacher)
-    rows = []
-    if method != "ptq":
-        r = fbqc.qat.train(student, teacher, stream(x, y, a.batch, 1000 + seed), schedule=method,
-                           steps=a.qat_steps, bits=a.bits, lr=a.qat_lr, warmup=a.qat_steps // 20,
-                           device=a.device, seed=seed, checkpoint_every=0, progress=False,
-                           log=lambda s: None, report=False, data_note="noised digits")
-        rows = r.log
-    calib = Calibrate(stream(x, y, a.batch, 2000 + seed)(), a.calib_batches)
-    program = fbqc.PassManager([calib])(student)
-    return program, rows
+    rows, summary = [], {}
+    if schedule is not None:
+        r = fbqc.qat.train(student, teacher, D.stream(arch, x, y, a.batch, 1000 + seed), schedule=schedule,
+                           steps=a.qat_steps, bits=None if ":" in schedule else a.bits, device=a.device,
+                           seed=seed, checkpoint_every=0, progress=False, log=lambda s: None, report=False,
+                           data_note="noised digits", **kw)
+        rows, summary = r.log, r.summary
+    program = fbqc.PassManager([Calibrate(D.stream(arch, x, y, a.batch, 2000 + seed)(), a.calib_batches)])(student)
+    noises, labels, _ = _seed_draw(seed, _n(a), a, tx)
+    ref = torch.load(Path(a.out) / "teachers" / f"{arch_name}-refs.pt")[seed]
+    s = score(D.sample(on_device(program, a.device), arch, noises, labels, a), ref, labels)
+    program.graph_module.to("cpu")      # on_device moved the parameters in place: PTQ's are the cached teacher's
+    losses = [r["loss"] for r in rows]
+    s["final_kd_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None
+    s["bit_changes"] = summary.get("bit_changes", [])
+    s["seconds"] = round(time.perf_counter() - t0, 1)
+    return {"arch": arch_name, "method": method, "seed": seed, "scores": s,
+            "curve": losses if seed == 0 else None, "bits": [r["bits"] for r in rows] if seed == 0 else None}
 
+
+# ---- orchestration ---------------------------------------------------------------------------------
 
 def run(a, log=print) -> dict:
     threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
     try:
         return _run(a, log)
     finally:
@@ -203,98 +218,133 @@ def run(a, log=print) -> dict:
 
 
 def _run(a, log) -> dict:
+    for m in a.methods:
+        method_config(m, a)                                   # every method checked before any work
+    unknown = [x for x in a.arch if x not in paper_archs.ARCHS]
+    if unknown:
+        raise SystemExit(f"--arch {','.join(unknown)}: unknown; choose from {', '.join(paper_archs.ARCHS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = {"config": vars(a), "archs": {k: {"runs": {m: [None] * a.seeds for m in a.methods}, "curves": {},
+                                                "bits": {}} for k in a.arch}}
+    if a.resume:
+        _resume(a, results, out, log)
     t0 = time.perf_counter()
-    train, test = digits(a.size)
-    log(f"digits: {len(train[0])} train / {len(test[0])} test at {a.size}×{a.size}; device {a.device}")
-    clf = train_classifier(a, train, test, log)
-    teacher_module = train_teacher(a, *train, log)
-    ex = {k: v for k, v in stream(*train, a.batch, 0)().__next__().items()}
-    teacher = fbqc.export(teacher_module, ex, source="paper_table teacher")
-    n = a.batch * math.ceil(a.samples / a.batch)
-    results = {"config": vars(a), "runs": {m: [] for m in a.methods}, "teacher": [], "curves": {}}
-    for seed in range(a.seeds):
-        g = torch.Generator().manual_seed(10_000 + seed)
-        noises = torch.randn(n, 1, a.size, a.size, generator=g)
-        labels = torch.arange(n) % 10
-        ref = sample(on_device(teacher, a.device), noises, labels, a)
-        teacher.graph_module.to("cpu")
-        real = test[0][torch.randint(len(test[0]), (n,), generator=g)]
-        results["teacher"].append(scores(clf, ref, real, labels))       # teacher vs real digits
-        for m in a.methods:
-            ts = time.perf_counter()
-            program, rows = quantize(teacher, m, seed, a, *train, log)
-            s = scores(clf, sample(on_device(program, a.device), noises, labels, a), ref, labels)
-            program.graph_module.to("cpu")
-            s["final_kd_loss"] = float(np.mean([r["loss"] for r in rows[-max(1, len(rows) // 10):]])) if rows else None
-            s["seconds"] = round(time.perf_counter() - ts, 1)
-            results["runs"][m].append(s)
-            if seed == 0 and rows:
-                results["curves"][m] = [r["loss"] for r in rows]
-            log(f"  seed {seed} {m:<10} FD {s['fd']:8.3f}  PSNR {s['psnr']:6.2f} dB  acc {s['label_acc']:.3f}"
-                f"  ({s['seconds']:.0f} s)")
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["table"] = table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    train, test = D.digits(a.size)
+    log(f"digits: {len(train[0])} train / {len(test[0])} test at {a.size}×{a.size}; device {a.device}; "
+        f"{len(a.arch)} architecture(s) × {len(a.methods)} method(s) × {a.seeds} seed(s), {a.jobs} job(s)")
+    torch.save(D.train_classifier(a, train, test, log).state_dict(), out / "classifier.pt")
+    # the main methods of every architecture and seed first: a run cut short still gives whole rows
+    jobs = [(k, m, s) for m in a.methods for s in range(a.seeds) for k in a.arch
+            if results["archs"][k]["runs"][m][s] is None]
+    before = results.pop("seconds_before", 0.0)
+    total = sum(len(runs) for v in results["archs"].values() for runs in v["runs"].values())
+
+    def took(r: dict) -> None:
+        res = results["archs"][r["arch"]]
+        res["runs"][r["method"]][r["seed"]] = r["scores"]
+        if r["curve"]:
+            res["curves"][r["method"]], res["bits"][r["method"]] = r["curve"], r["bits"]
+        done = sum(x is not None for v in results["archs"].values() for runs in v["runs"].values() for x in runs)
+        s = r["scores"]
+        log(f"  [{done}/{total}] {r['arch']:<6} seed {r['seed']} {r['method']:<28} FID {s['fid']:8.3f}  "
+            f"PSNR {s['psnr']:6.2f} dB  acc {s['label_acc']:.3f}  ({s['seconds']:.0f} s, "
+            f"{time.perf_counter() - t0:.0f} s in all)")
+        results["seconds"] = round(time.perf_counter() - t0 + before, 1)
+        _write(out / "results.json", results)                  # after every job: a cut-short run keeps its rows
+
+    def teacher_done(r: dict) -> None:
+        for line in r["log"]:
+            log(line)
+        results["archs"][r["arch"]]["teacher"] = {k: v for k, v in r.items() if k != "log"}
+        log(f"{r['describe']}: teacher {r['source']} ({r['seconds']:.0f} s), FID vs real digits "
+            f"{R.ms([x['fid'] for x in r['vs_real']])}")
+
+    if a.jobs <= 1:
+        _init(a)
+        for k in a.arch:
+            teacher_done(teacher_job(k))
+        for job in jobs:
+            took(student_job(*job))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=_init,
+                                 initargs=(a, ctx.Value("i", 0))) as pool:
+            pending = {pool.submit(teacher_job, k): k for k in a.arch}
+            for f in as_completed(list(pending)):
+                teacher_done(f.result())
+            futures = {pool.submit(student_job, *job): job for job in jobs}
+            for f in as_completed(futures):
+                try:
+                    took(f.result())
+                except Exception as e:  # noqa: BLE001 - one failed student is reported, the table goes on
+                    k, m, seed = futures[f]
+                    results.setdefault("errors", []).append(f"{k} {m} seed {seed}: {type(e).__name__}: {e}")
+                    log(f"  FAILED {k} seed {seed} {m}: {type(e).__name__}: {e}")
+    results["seconds"] = round(time.perf_counter() - t0 + before, 1)
+    R.analyse(results, REFERENCE)
+    results["table"] = R.table(results, REFERENCE)
+    _write(out / "results.json", results)
     (out / "table.md").write_text(results["table"] + "\n")
-    plot_curves(results["curves"], a, out / "loss_curves.png")
+    R.plot_curves(results, out / "loss_curves.png")
     log(results["table"])
     return results
 
 
-def _ms(xs, fmt: str = ".3f") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{np.mean(xs):{fmt}} ± {np.std(xs):{fmt}}" if len(xs) > 1 else f"{xs[0]:{fmt}}"
+def _write(path: Path, results: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
-def table(results) -> str:
-    a = results["config"]
-    lines = [f"W{a['bits']:g}A8, tiny Sana ({a['layers']} blocks, width {a['width']}) on {a['size']}×{a['size']} "
-             f"digits; {a['qat_steps']} QAT steps × batch {a['batch']}; {a['samples']} samples, "
-             f"{a['sample_steps']} Euler steps; {a['seeds']} seed(s), mean ± std",
-             "", "| method | FD vs teacher ↓ | PSNR vs teacher (dB) ↑ | label acc ↑ | final KD loss |",
-             "|---|---|---|---|---|"]
-    t = results["teacher"]
-    lines.append(f"| float teacher (vs real digits) | {_ms([r['fd'] for r in t])} | — | "
-                 f"{_ms([r['label_acc'] for r in t])} | — |")
-    for m, runs in results["runs"].items():
-        lines.append(f"| {m} | {_ms([r['fd'] for r in runs])} | {_ms([r['psnr'] for r in runs])} | "
-                     f"{_ms([r['label_acc'] for r in runs])} | {_ms([r['final_kd_loss'] for r in runs], '.2e')} |")
-    return "\n".join(lines)
+#: settings that change what a student computes: a resumed table must keep them
+SAME = ("bits", "size", "width", "layers", "batch", "lr", "teacher_steps", "qat_steps", "qat_lr",
+        "calib_batches", "samples", "sample_steps", "classifier_steps")
 
 
-def plot_curves(curves: dict, a, path: Path) -> None:
-    if not curves:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    for m, ys in curves.items():
-        k = max(1, len(ys) // 40)
-        sm = np.convolve(ys, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(k, len(ys) + 1), sm, label=m)
-    ax.set_yscale("log")
-    ax.set_xlabel("QAT step")
-    ax.set_ylabel("KD loss (moving mean)")
-    ax.set_title("QAT loss at equal compute (seed 0)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _resume(a, results: dict, out: Path, log) -> None:
+    """Fill ``results`` with the students of OUT/results.json; the teachers come from OUT/teachers."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist; run without --resume first")
+    old = json.loads(path.read_text())
+    diff = [f"--{k.replace('_', '-')} {old['config'].get(k)} → {getattr(a, k)}" for k in SAME
+            if old["config"].get(k) != getattr(a, k)]
+    if diff:
+        raise SystemExit(f"--resume {out}: the table was made with other settings ({', '.join(diff)}); "
+                         f"give the same ones or another --out")
+    kept = 0
+    for k, res in old["archs"].items():
+        for m, runs in res.get("runs", {}).items():
+            for seed, r in enumerate(runs):
+                if r is not None and k in results["archs"] and m in results["archs"][k]["runs"] and seed < a.seeds:
+                    results["archs"][k]["runs"][m][seed] = r
+                    kept += 1
+        if k in results["archs"]:
+            results["archs"][k]["curves"].update(res.get("curves", {}))
+            results["archs"][k]["bits"].update(res.get("bits", {}))
+    results["seconds_before"] = old.get("seconds", 0.0)
+    if a.teacher is None and all((out / "teachers" / f"{k}.pt").is_file() for k in a.arch):
+        a.teacher = str(out / "teachers")
+    log(f"resumed {out}: {kept} student(s) kept; teachers from {a.teacher or 'a new training'}")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    comma = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
     p.add_argument("--device", default="cpu")
+    p.add_argument("--arch", type=comma, default=tuple(paper_archs.ARCHS),
+                   help=f"comma list of {', '.join(paper_archs.ARCHS)}  [default: all]")
+    p.add_argument("--methods", type=comma, default=METHODS,
+                   help="comma list: ptq, or SCHEDULE[+KEY=VALUE…] (KEY: rewarm, moments, lr, warmup)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=METHODS,
-                   help="comma list of ptq and schedules (direct, integer, simple, fractional, custom)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1: in this process)")
+    p.add_argument("--teacher", default=None, metavar="DIR",
+                   help="load the teachers from DIR/ARCH.pt (an earlier run's OUT/teachers) instead of training")
+    p.add_argument("--train-missing", action="store_true",
+                   help="with --teacher: train the teachers DIR does not hold (stated in the table)")
     p.add_argument("--bits", type=float, default=4.0)
     p.add_argument("--size", type=int, default=8)
     p.add_argument("--width", type=int, default=64)
@@ -308,9 +358,18 @@ def parse(argv=None):
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--classifier-steps", type=int, default=1500)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the students already in OUT/results.json (same settings), run the missing ones")
+    p.add_argument("--reduced", action="store_true", help="CPU-sized: " + " ".join(REDUCED))
     p.add_argument("--out", default="runs/paper_table")
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--reduced" in argv:
+        argv = REDUCED + argv                          # explicit flags after it still win
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.jobs < 0:
+        p.error("--seeds must be ≥ 1 and --jobs ≥ 0")
+    return a
 
 
 if __name__ == "__main__":

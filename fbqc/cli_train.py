@@ -13,8 +13,9 @@ from .errors import UserError
 
 @click.command()
 @click.argument("model_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--schedule", default=None, help="fractional | integer | simple | direct, or BITS:PARTS,… "
-              "e.g. '8:1,5.5:1,4:3'  [default: fractional]")
+@click.option("--schedule", default=None, help="fractional | integer | simple | direct | continuous (8→4 ramp, then 4), "
+              "NAME@SHARE (the final bits' share of the steps, e.g. fractional@0.3), or phases BITS:PARTS / "
+              "FROM..TO:PARTS (a linear ramp), e.g. '8:1,5.5:1,4:3' or '8..4:11,4:14'  [default: fractional]")
 @click.option("--bits", type=str, default=None, callback=_bits,
               help="Target weight bits: replaces the final 4 of a named schedule  [default: 4]")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 1000]")
@@ -26,6 +27,12 @@ from .errors import UserError
 @click.option("--lr", type=click.FloatRange(min=0), default=1e-5, show_default=True,
               help="AdamW learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--rewarm", type=click.IntRange(min=0), default=0, show_default=True,
+              help="At each bit change of the schedule, ramp the lr up again: the k-th step at the new bits "
+              "trains at lr × k/N for k ≤ N (on top of --warmup; 0: off).")
+@click.option("--moments", type=click.Choice(["keep", "reset", "momentum"]), default="keep", show_default=True,
+              help="At each bit change of the schedule, AdamW's moments: keep them, reset them (both moments "
+              "and the step count: a fresh AdamW) or zero only the first moment (momentum).")
 @click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Gradient-norm clipping (0: off).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -87,8 +94,8 @@ from .errors import UserError
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; just the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, clip, weight_decay,
-          act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
+def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, warmup, rewarm, moments, clip,
+          weight_decay, act_quant, all_params, checkpoint_every, device, seed, use_compile, preset, checkpoint, scheme,
           include, exclude, layer_bits, a16, nproc, strategy, batch, checkpoint_blocks, grad_reduce,
           fsdp_keep_params, fsdp_replicate_teacher, fsdp_unit, ddp_bucket_mb, cuda_graphs, use_profile, stop_after, quiet, as_json,
           data=None, teacher_cache=False):
@@ -138,9 +145,9 @@ def train(ctx, model_file, schedule, bits, steps, output, resume, force, lr, war
         opts = CompileOptions(scheme=scheme, include=tuple(include) or None, exclude=tuple(exclude),
                               layer_bits=layer_bits, a16=tuple(a16), preset=preset,
                               checkpoint=str(checkpoint) if checkpoint else None)
-        kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, clip=clip, weight_decay=weight_decay,
-                  act_quant=act_quant, blocks_only=not all_params, checkpoint_every=checkpoint_every,
-                  device=device, seed=seed, compile=use_compile, batch=batch,
+        kw = dict(opts=opts, bits=bits, lr=lr, warmup=warmup, rewarm=rewarm, moments=moments, clip=clip,
+                  weight_decay=weight_decay, act_quant=act_quant, blocks_only=not all_params,
+                  checkpoint_every=checkpoint_every, device=device, seed=seed, compile=use_compile, batch=batch,
                   data_dir=str(data.resolve()) if data is not None else None, teacher_cache=teacher_cache)
     execution = {**{k: ctx.params[k] for k in EXECUTION if k in ctx.params}, "nproc": nproc}   # not compile
     if resume is None:                            # the settings, checked before any process starts
@@ -177,10 +184,14 @@ _SOURCE_FLAGS = ("scheme", "include", "exclude", "layer_bits", "a16", "preset", 
 
 def _differing(given: list[str], params: dict, run_dir: Path) -> list[str]:
     """The given options whose value is not the run's own (repeating the run's own flags is fine)."""
+    from dataclasses import asdict
+
+    from .qat.config import TrainConfig
     from .qat.rundir import checkpoint as ck
 
     run = ck.read_run(run_dir)
     train, flags = run.get("train", {}), run.get("source", {}).get("flags", {})
+    defaults = asdict(TrainConfig())
 
     def norm(v):
         if isinstance(v, (tuple, list)):
@@ -201,8 +212,8 @@ def _differing(given: list[str], params: dict, run_dir: Path) -> list[str]:
         elif k in _RUN_NAMES:
             name, conv = _RUN_NAMES[k]
             ours, v = train.get(name), conv(v)
-        else:
-            ours = train.get(k, object())
+        else:                             # a run from before a setting existed: its default
+            ours = train.get(k, defaults.get(k, object()))
         if norm(v) != norm(ours):
             out.append(k)
     return out

@@ -110,9 +110,10 @@ def mean(xs: list[float]) -> float | None:
 
 
 class FeatureNet(torch.nn.Module):
-    """A TorchScript feature network as torchmetrics' FID ``feature`` (see the module doc)."""
+    """A feature network (TorchScript, ``.pt2`` or any module: uint8 (N, 3, H, W) → (N, D)) as torchmetrics'
+    FID ``feature``; ``probe`` (images of the evaluated size) fixes ``num_features`` (see the module doc)."""
 
-    def __init__(self, scripted: torch.nn.Module, probe: torch.Tensor):
+    def __init__(self, scripted: torch.nn.Module, probe: torch.Tensor, what: str = "the --fid-features network"):
         super().__init__()
         self.net = scripted
         try:
@@ -124,7 +125,7 @@ class FeatureNet(torch.nn.Module):
         with torch.no_grad():
             f = self.forward(probe)
         if f.dim() != 2:
-            raise MetricError(f"the --fid-features network returned shape {tuple(f.shape)} for "
+            raise MetricError(f"{what} returned shape {tuple(f.shape)} for "
                               f"{tuple(probe.shape)} images; it must return (N, D) features")
         self.num_features = int(f.shape[1])
 
@@ -152,9 +153,13 @@ def _script(path: Path, flag: str) -> torch.nn.Module:
 
 def fid(path: Path, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> float:
     """FID (torchmetrics) of the student images (fake) vs the teacher images (real), uint8 inputs."""
+    return fid_with(FeatureNet(_script(path, "--fid-features"), teachers[0]), students, teachers)
+
+
+def fid_with(net: FeatureNet, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> float:
+    """FID (torchmetrics) of uint8 student images (fake) vs teacher images (real) in ``net``'s features."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    net = FeatureNet(_script(path, "--fid-features"), teachers[0])
     metric = FrechetInceptionDistance(feature=net, normalize=False)
     metric.update(torch.cat(teachers), real=True)
     metric.update(torch.cat(students), real=False)

@@ -12,7 +12,10 @@ Where things are::
     train.py        the training loop: train() (the program student), train_modules() (the module
                     student), kd_loss; one loop for both students
     config.py       TrainConfig: the settings of one run (fbqc train's flags) and their checks
-    schedule.py     the bit-width schedules (fractional, integer, simple, direct, custom) as data
+    schedule.py     the bit-width schedules as data (fractional, integer, simple, direct, continuous,
+                    NAME@SHARE, custom phases BITS:PARTS and ramps FROM..TO:PARTS)
+    bit_change.py   what happens at a bit change: the remedies (--rewarm, --moments), the diagnostics
+                    (loss spike, recovery, AdamW moments, weights crossing levels: weight_codes, level_flips)
     preflight.py    fbqc train's checks that run before anything is deleted or exported
     model_file.py   the command-line level: fbqc train MODEL_FILE -o RUN, fbqc compile RUN
     students/       what is trained: program.py (the FAKE_QUANT program), modules.py (the eager

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .bit_change import MOMENTS
 from .parallel import dist as D
 from .students.program import ACT_MODES
 
@@ -24,6 +25,8 @@ class TrainConfig:
     bits: float | None = None           # target: replaces the final 4 of a named schedule
     lr: float = 1e-5
     warmup: int = 0                     # linear warm-up steps, then constant
+    rewarm: int = 0                     # at each bit change: lr × k/rewarm on the k-th step at the new bits
+    moments: str = "keep"               # at each bit change, AdamW's moments: keep | reset | momentum (bit_change.py)
     clip: float = 1.0                   # gradient-norm clipping (0: off)
     weight_decay: float = 0.0
     act_quant: str = "dynamic"          # dynamic per-sample | static (calibrated, frozen) | none
@@ -58,6 +61,10 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be a finite number ≥ 0, got {v}")
         if self.warmup < 0 or self.checkpoint_every < 0:
             raise ValueError("--warmup and --checkpoint-every must be ≥ 0")
+        if not isinstance(self.rewarm, int) or self.rewarm < 0:
+            raise ValueError(f"--rewarm must be an integer ≥ 0 (steps), got {self.rewarm!r}")
+        if self.moments not in MOMENTS:
+            raise ValueError(f"--moments must be one of {', '.join(MOMENTS)}, got {self.moments!r}")
         D.check_grad_reduce(self.grad_reduce, self.device)
         if self.fsdp_unit < 1:
             raise ValueError(f"--fsdp-unit must be ≥ 1, got {self.fsdp_unit}")

@@ -34,6 +34,7 @@ from fbqc.passes.insert_fake_quant import bits_buffers
 from fbqc.program import Program
 from fbqc.spec import QuantSpec
 
+from . import bit_change
 from .config import EXECUTION, TrainConfig
 from .parallel import dist as D
 from .rundir import checkpoint as ck
@@ -186,6 +187,7 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
         raise ValueError(f"scheduled layers {unknown} are not quantized layers of the student")
     device = rt.device
     opt = rt.optimizer(cfg.lr, cfg.weight_decay)
+    changes = bit_change.BitChanges(sched, cfg, rt, layers)    # remedies and diagnostics at each bit change
     amp = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
 
     start, position, rows = 0, 0, []
@@ -268,12 +270,13 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                 if bits != current:
                     set_bits(rt.bits, layers, bits)
                     current = bits
+                at_change = changes.at_step(step, opt)                # {} except at a bit change
                 n, sample = next(batches)
                 position += n
                 if cfg.cuda_graphs:                                 # last step's graph outputs may be overwritten
                     torch.compiler.cudagraph_mark_step_begin()
                 sample, cached = S.split_target(rt.prepare(sample))     # cached: --teacher-cache's KD target
-                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                lr = (cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr) * changes.lr_factor(step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -291,7 +294,7 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                 opt.zero_grad(set_to_none=True)                     # freed before the next forward
                 # the values are read one step later (no host sync between steps: the CPU queues step
                 # N+1 while the GPU runs step N); a non-finite loss still stops the run, a step late
-                row = {"step": step + 1, "bits": bits, "lr": lr}
+                row = {"step": step + 1, "bits": bits, "lr": lr, **at_change}
                 record(pending)                                    # waits for the previous step only
                 pending = (row, D.Pending(world, loss, kd, norm), round(time.perf_counter() - t0, 4))
                 if prof is not None:
@@ -326,6 +329,7 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
     rt.close()
     summary = summarize(rows, sched, cfg, layers, time.perf_counter() - t0, finished, note)
     summary.update(describe(rt))
+    summary["bit_changes"] = changes.report(rows)
     if out is not None and world.main:
         plot_loss(rows, sched.boundaries(), out / ck.PLOT,
                   title=f"{sched.name} schedule: KD loss vs step")

@@ -1,4 +1,5 @@
-"""The end-of-training summary: per phase, the loss at its start and end; what was written."""
+"""The end-of-training summary: per phase (a ramp labelled ``8→4 ramp``), the loss at its start and end
+(the means of its first and last 10% of steps); what was written."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -13,10 +14,13 @@ def _mean(xs: Sequence[float]) -> float | None:
 def summarize(rows: Sequence[dict], sched, cfg, layers: Sequence[str], seconds: float, finished: bool,
               data_note: str) -> dict[str, Any]:
     phases = []
-    for start, end, bits in sched.boundaries():
+    for span in sched.boundaries():
+        start, end, bits = span
         losses = [r["loss"] for r in rows if start < r["step"] <= end]
         k = max(1, len(losses) // 10)
-        phases.append({"bits": bits, "steps": end - start, "first_step": start + 1, "last_step": end,
+        ramp = {"from_bits": span.from_bits} if span.ramp else {}     # bits: where a ramp ends
+        phases.append({"bits": bits, **ramp, "label": span.label + (" ramp" if span.ramp else ""),
+                       "steps": end - start, "first_step": start + 1, "last_step": end,
                        "trained": len(losses), "loss_start": _mean(losses[:k]),
                        "loss_end": _mean(losses[-k:])})
     last = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
@@ -34,9 +38,10 @@ def summary_text(summary: dict[str, Any], out: Path | None) -> str:
     lines = [f"QAT {summary['schedule']} ({summary['spec']}): {summary['completed']}/{summary['steps']} "
              f"steps in {summary['seconds_this_session']:.1f} s this session"
              + ("" if summary["finished"] else " — not finished (resume to continue)"),
-             f"  {'bits':>6} {'steps':>7} {'loss at start':>14} {'loss at end':>12}"]
+             f"  {'bits':>14} {'steps':>7} {'loss at start':>14} {'loss at end':>12}"]
     for p in summary["phases"]:
-        lines.append(f"  {p['bits']:>6g} {p['steps']:>7} {fmt(p['loss_start']):>14} {fmt(p['loss_end']):>12}")
+        label = p.get("label", f"{p['bits']:g}")                     # a summary.json from before labels
+        lines.append(f"  {label:>14} {p['steps']:>7} {fmt(p['loss_start']):>14} {fmt(p['loss_end']):>12}")
     lines.append(f"  final loss (mean of the last 10% of steps): {fmt(summary['final_loss'])}; "
                  f"{summary['scheduled_layers']} layers end at {summary['final_bits']:g} bits")
     if out is not None:

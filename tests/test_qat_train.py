@@ -190,3 +190,22 @@ def test_run_and_artifact_files_read_with_named_errors(tmp_path):
             read_run(tmp_path)
         with pytest.raises(ArtifactError, match=rf"manifest\.json: artifact format {found}, this fbqc reads"):
             read_manifest(tmp_path)
+
+
+def test_on_device_leaves_the_program_and_its_teacher_where_they_are(toy):
+    """A PTQ student shares its weights with the teacher (a pass's output shares its input's tensors);
+    a runnable copy on another device must not move them (it did: the cached teacher then ran on the GPU)."""
+    from fbqc.qat.students.program import on_device
+
+    teacher = toy[0]
+    s = student(teacher)
+    shared = dict(teacher.graph_module.named_parameters())
+    assert all(p is shared[k] for k, p in s.graph_module.named_parameters() if k in shared)   # what makes it matter
+    moved = on_device(s, "meta")
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
+    assert {p.device.type for p in s.graph_module.parameters()} == {"cpu"}
+    assert {p.device.type for p in teacher.graph_module.parameters()} == {"cpu"}
+    same = on_device(s, "cpu")                         # and on the same device: own tensors, same outputs
+    assert not any(p.data_ptr() == shared[k].data_ptr() for k, p in same.named_parameters() if k in shared)
+    x = teacher.example_inputs
+    torch.testing.assert_close(on_device(teacher, "cpu")(**x), teacher.graph_module(**x), rtol=0, atol=0)

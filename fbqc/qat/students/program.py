@@ -8,6 +8,7 @@ per-sample dynamic (``fbqc::fake_quant_act_dynamic``), the static calibrated one
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -80,10 +81,12 @@ def retarget(view: Program, device: torch.device | str | None = None) -> Program
 
 
 def on_device(program: Program, device: torch.device | str) -> torch.fx.GraphModule:
-    """A runnable copy of ``program`` on ``device`` (export bakes the example's device into the graph).
-    Its parameters are the program's own (moved in place); buffers are moved in the copy only."""
-    view = retarget(program.copy(), device)
-    return view.graph_module.to(device)
+    """A runnable copy of ``program`` on ``device`` (export bakes the example's device into the graph)
+    with its own parameters and buffers: ``program`` stays where it is. (A pass's output shares its
+    tensors with its input — a PTQ student's weights are the teacher's — so moving them in place would
+    move the teacher too.)"""
+    own = Program(copy.deepcopy(program.graph_module), program.stage, program.example_inputs)
+    return retarget(own, device).graph_module.to(device)
 
 
 #: the registered ops and their fusible twins (same argument names, same values)

@@ -287,22 +287,42 @@ def batches(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
     """``items`` produced ahead by a thread (the module student's data: batches of the model file's
-    samples are made while the GPU works; the order, hence a resumed position, is unchanged)."""
+    samples are made while the GPU works; the order, hence a resumed position, is unchanged).
+
+    Closing the returned generator (the training loop does, when it ends) stops the thread and waits
+    for it: a thread still inside torch's C++ code when the interpreter shuts down can abort the
+    process ("terminate called without an active exception")."""
     q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in items:
-                q.put((True, item))
+                if not put((True, item)):
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((False, e))
+            put((False, e))
 
-    threading.Thread(target=work, daemon=True, name="fbqc-prefetch").start()
-    while True:
-        ok, item = q.get()
-        if not ok:
-            raise item
-        yield item
+    thread = threading.Thread(target=work, daemon=True, name="fbqc-prefetch")
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def collate(samples: list[dict]) -> dict:

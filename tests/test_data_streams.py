@@ -154,3 +154,38 @@ def test_flux_trains_two_samples_per_process(tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(x["loss"] > 0 for x in rows)
+
+
+def test_prefetch_keeps_the_order_and_its_thread_stops_when_closed():
+    import itertools
+    import threading
+
+    from fbqc.data import prefetch
+
+    made = []
+
+    def endless():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    def threads():
+        return {t for t in threading.enumerate() if t.name == "fbqc-prefetch"}
+
+    before = threads()                  # another test's, if any
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    ours = threads() - before
+    assert len(ours) == 1
+    it.close()                          # what the training loop does at its end
+    assert not next(iter(ours)).is_alive()
+    assert len(made) <= 5 + 2 + 2       # at most the queue's depth (and the item in hand) ahead
+
+    def failing():
+        yield 1
+        raise ValueError("bad sample 1")
+
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad sample 1"):
+        next(it)

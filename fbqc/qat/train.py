@@ -316,6 +316,7 @@ def _run(make_adapter, world: D.World, cfg: TrainConfig, sched: Schedule, layers
                                       f"fbqc train --resume {out}" if out is not None else f"at step {done}")
             record(pending)
     finally:
+        batches.close()                                  # stops the prefetching thread (module student)
         if prof is not None:
             prof.stop()
         bar.close()

@@ -38,32 +38,29 @@ def compile_options(cuda_graphs: bool = False) -> dict:
             **({"triton.cudagraphs": True} if cuda_graphs else {})}
 
 
-class _Weight(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """The straight-through estimator: the gradient passes to the first input unchanged (none to the
+    others); a subclass gives the forward."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.rest = len(inputs) - 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + (None,) * ctx.rest
+
+
+class _Weight(_StraightThrough):
     @staticmethod
     def forward(w, bits, axis, scheme):
         return weight_value(w, bits, axis, scheme)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None
-
-
-class _ActDynamic(torch.autograd.Function):
+class _ActDynamic(_StraightThrough):
     @staticmethod
     def forward(x, bits):
         return dynamic_act_value(x, bits)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 class _ActStatic(torch.autograd.Function):

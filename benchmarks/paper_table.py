@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fbqc.outputs import write_replacing
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_archs  # noqa: E402
 import paper_digits as D  # noqa: E402
@@ -145,9 +147,7 @@ def teacher_job(arch_name: str) -> dict:
             saved = {"state": model.state_dict(), "config": config, "loss": curve}
             source = f"trained here (not in --teacher {a.teacher})" if given is not None else "trained here"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(saved, tmp)
-        tmp.replace(path)
+        write_replacing(path, lambda tmp: torch.save(saved, tmp))
         teacher = _teacher_program(arch_name)
         fn, refs, scores = on_device(teacher, a.device), {}, []
         for seed in range(a.seeds):
@@ -293,9 +293,8 @@ def _run(a, log) -> dict:
 
 
 def _write(path: Path, results: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    write_replacing(path, lambda tmp: tmp.write_text(text))
 
 
 #: settings that change what a student computes: a resumed table must keep them

@@ -22,6 +22,7 @@ import torch
 from . import trajectories as tj
 from .errors import ModelFileError
 from .frontend import load_model_file
+from .outputs import write_replacing
 from .recorder import png_bytes, run_prompt
 from .trajectories import CaptureError
 
@@ -310,9 +311,7 @@ def capture(model_file: str | Path, prompts: str | Path | None = None, out: str 
                                    f"the capture's {manifest['call']['static']}; pass another -o or --force")
             name = tj.shard_name(i)
             img = out / tj.IMAGES / f"{name}.png"
-            tmp = img.with_name(f".{img.name}.tmp")
-            tmp.write_bytes(png_bytes(image))
-            tmp.replace(img)
+            write_replacing(img, lambda tmp: tmp.write_bytes(png_bytes(image)))
             entry = {"prompt": texts[i], "seed": seed, "image": f"{tj.IMAGES}/{name}.png",
                      "resolution": [image.height, image.width]}
             finished[i] = tj.write_prompt(out, i, entry, rec.steps, rec.final)

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -49,6 +49,15 @@ def _json(path: Path) -> dict | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to the hidden ``.NAME.tmp`` beside ``path`` (fbqc's own: :func:`_hidden_tmp`), then
+    rename it over ``path``: a reader sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _hidden_tmp(name: str) -> bool:

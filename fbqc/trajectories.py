@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .outputs import write_replacing
 
 KIND = "fbqc-capture"
 FORMAT = 1
@@ -120,9 +121,7 @@ def shard_name(index: int) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def shard_tensors(index: int, steps: list[dict[str, dict[str, Any]]],
@@ -180,10 +179,11 @@ def write_prompt(directory: Path, index: int, entry: dict[str, Any],
     tensors, fields = shard_tensors(index, steps, final_latents)
     name = shard_name(index)
     path = directory / SHARDS / f"{name}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o644)                               # safetensors creates 0600; shards are data to share
-    os.replace(tmp, path)
+    def save(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o644)                           # safetensors creates 0600; shards are data to share
+
+    write_replacing(path, save)
     entry = {**entry, "index": index, "shard": f"{SHARDS}/{name}.safetensors", **fields}
     write_json_atomic(directory / SHARDS / f"{name}.json", entry)
     return entry

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from fbqc.artifact import read_versioned_json
 from fbqc.errors import UserError
+from fbqc.outputs import write_replacing
 
 RUN, CKPT, LOG, PLOT, STUDENT, SUMMARY = ("run.json", "checkpoint.pt", "log.jsonl", "loss.png",
                                            "student.pt", "summary.json")
@@ -50,9 +50,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_replacing(path, lambda tmp: torch.save(obj, tmp))
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,10 +82,8 @@ def load_checkpoint(run: Path) -> dict[str, Any]:
 
 def write_run(out: Path, run: dict[str, Any]) -> None:
     """``run.json``, written to a temporary file and renamed: a reader never sees half of it."""
-    path = Path(out) / RUN
-    tmp = path.with_name(f".{path.name}.tmp")       # a hidden .tmp, as _atomic_save: fbqc's own (fbqc.outputs)
-    tmp.write_text(json.dumps({"format": FORMAT, **run}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({"format": FORMAT, **run}, indent=2, default=str) + "\n"
+    write_replacing(Path(out) / RUN, lambda tmp: tmp.write_text(text))
 
 
 def read_run(run: str | Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from fbqc.outputs import write_replacing
+
 
 def _bits_line(boundaries: Sequence[tuple[int, int, float]]) -> tuple[list[float], list[float]]:
     """``(x, bits)`` points of the trained bits as a step line (``steps-post``): 1-based step ``k`` spans
@@ -71,8 +73,6 @@ def plot_loss(rows: Sequence[dict], boundaries: Sequence[tuple[int, int, float]]
     if handles:
         ax.legend(handles, labels, loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    write_replacing(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path

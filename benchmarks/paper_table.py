@@ -102,12 +102,18 @@ def score(samples: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) 
     """FID / PSNR / SSIM through fbqc.image_metrics (uint8 images, as ``fbqc eval`` scores PNGs), label acc."""
     from fbqc import image_metrics as M
 
+    for what, x in (("samples", samples), ("reference samples", reference)):
+        if not torch.isfinite(x).all():             # uint8 would turn NaN into black pixels: a wrong score
+            raise ValueError(f"{int((~torch.isfinite(x)).sum())} {what} values are not finite")
     s8, r8 = D.to_uint8(samples), D.to_uint8(reference)
     net = M.FeatureNet(D.DigitFeatures(_STATE["clf"]), r8[:2], what="the digit feature network")
     pairs = [M.psnr_ssim(s8[i:i + 1], r8[i:i + 1]) for i in range(len(s8))]
     with torch.no_grad():
         acc = float((_STATE["clf"](s8[:, :1].float() / 127.5 - 1.0).argmax(1) == labels).float().mean())
-    return {"fid": M.fid_with(net, [s8], [r8]), "psnr": float(np.mean([p for p, _ in pairs])),
+    fid = M.fid_with(net, [s8], [r8])
+    if not math.isfinite(fid):
+        raise ValueError(f"FID is {fid}")
+    return {"fid": fid, "psnr": float(np.mean([p for p, _ in pairs])),
             "ssim": float(np.mean([s for _, s in pairs])), "label_acc": acc}
 
 
@@ -223,6 +229,7 @@ def _run(a, log) -> dict:
     if unknown:
         raise SystemExit(f"--arch {','.join(unknown)}: unknown; choose from {', '.join(paper_archs.ARCHS)}")
     out = Path(a.out)
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": vars(a), "archs": {k: {"runs": {m: [None] * a.seeds for m in a.methods}, "curves": {},
                                                 "bits": {}} for k in a.arch}}
@@ -290,6 +297,23 @@ def _run(a, log) -> dict:
     R.plot_curves(results, out / "loss_curves.png")
     log(results["table"])
     return results
+
+
+def _check_out(out: Path) -> None:
+    """--out must be new, empty or an earlier paper table's (its results.json): nothing else is overwritten."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; give a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        own = "archs" in json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        own = False
+    if not own:
+        raise SystemExit(f"--out {out}: a non-empty directory that holds no paper table (results.json); "
+                         f"choose another --out")
 
 
 def _write(path: Path, results: dict) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,20 @@ def test_method_syntax():
     for bad, msg in (("fractional+foo=1", "KEY=VALUE"), ("direct+rewarm=x", "not a int"), ("direct+lr", "KEY=VALUE")):
         with pytest.raises(ValueError, match=msg):
             pt.method_config(bad, a)
+
+
+def test_out_must_be_new_empty_or_a_paper_table(tmp_path):
+    pt = _module()
+    (tmp_path / "notes.txt").write_text("the user's")
+    a = pt.parse([*TINY, "--seeds", "1", "--arch", "sana", "--methods", "ptq", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds no paper table"):
+        pt.run(a, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]     # nothing written
+
+
+def test_non_finite_samples_are_an_error_not_a_score():
+    pt = _module()
+    x = torch.zeros(4, 1, 8, 8)
+    x[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 samples values are not finite"):
+        pt.score(x, torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))

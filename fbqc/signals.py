@@ -31,12 +31,30 @@ def _raise(signum, frame):
     raise KeyboardInterrupt
 
 
+def _unraisable(default):
+    """A ``sys.unraisablehook``: an interrupt raised where Python cannot propagate it (a weakref or
+    import-lock callback: Python prints "Exception ignored … Traceback" and goes on) is delivered again,
+    so it lands in ordinary code and ends the command as any Ctrl-C does; anything else goes to ``default``."""
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, Stop)) and received is not None:
+            # from another thread, a moment later: a handler run inside this hook would be ignored too
+            threading.Timer(0.01, os.kill, (os.getpid(), received)).start()
+            return
+        default(unraisable)
+
+    hook.fbqc = True
+    return hook
+
+
 def install() -> None:
     """SIGTERM behaves as SIGINT, and both are remembered in :data:`received` (a library may turn the
     ``KeyboardInterrupt`` into an error of its own: diffusers' lazy imports do). Main thread only."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise)
         signal.signal(signal.SIGINT, _raise)
+        if not getattr(sys.unraisablehook, "fbqc", False):
+            sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
 def exit_code() -> int:

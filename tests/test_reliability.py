@@ -423,3 +423,35 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
         assert proc.returncode in (130, -2) and "Traceback" not in err, (delay, err)
         assert "interrupted" in err
         assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupt_python_cannot_propagate_is_delivered_again(capsys):
+    """A Ctrl-C that lands in a weakref / import-lock callback is 'ignored' by Python (a traceback on
+    stderr, the command goes on); fbqc delivers it again, so it ends the command as a KeyboardInterrupt."""
+    import signal
+    import time
+    import weakref
+
+    from fbqc import signals
+
+    old_int, old_term, old_hook = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    try:
+        signals.install()
+
+        class Obj:
+            pass
+
+        obj = Obj()
+        ref = weakref.ref(obj, lambda _: signals._raise(signal.SIGINT, None))     # the handler, in a callback
+        with pytest.raises(KeyboardInterrupt):
+            del obj
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:     # the re-delivered signal's handler runs between bytecodes
+                pass
+        assert ref() is None and signals.received == signal.SIGINT
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        sys.unraisablehook = old_hook
+        signals.received = None

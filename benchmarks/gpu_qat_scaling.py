@@ -1,6 +1,7 @@
 """Data-parallel QAT throughput: `fbqc train --nproc N` against one GPU, measured in the same run.
 
-    python benchmarks/gpu_qat_scaling.py                  # Sana-1600M, batch 4 per GPU, 1024 tokens, 2 GPUs
+    python benchmarks/gpu_qat_scaling.py                  # Sana-1600M, batch 4 per GPU, 1024 tokens, 2 GPUs:
+                                                          # ddp-cg and fsdp-keep-rt-u4-cg, the README's rows
     python benchmarks/gpu_qat_scaling.py --configs ddp,fsdp-keep --gpus 2 --json scaling.json --profile-dir prof
     python benchmarks/gpu_qat_scaling.py --preset tiny --device cpu --gpus 2 --steps 8 --skip 3   # smoke test
 
@@ -25,7 +26,8 @@ each run is stopped once its log has ``--steps`` rows (the final checkpoint is n
     NAME-uK         an fsdp config with K blocks per FSDP2 unit (``--fsdp-unit K``): fsdp-keep-rt-u4
     NAME-bMB        a ddp config with MB-megabyte gradient buckets (``--ddp-bucket-mb MB``): ddp-b25-cg
     NAME-cg         any of them with ``--cuda-graphs`` (compiled blocks replayed as CUDA graphs), against
-                    a one-GPU baseline with CUDA graphs too ("1 GPU-cg")
+                    a one-GPU baseline with CUDA graphs too ("1 GPU-cg"); an fsdp config needs -keep
+                    (the gathered parameters then keep their memory, so the graphs replay)
     NAME@VAR=V+…    any of them with these environment variables set (NCCL settings: ``ddp-cg@NCCL_MAX_CTAS=8``)
 """
 from __future__ import annotations
@@ -130,7 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="samples per GPU (1024 tokens each at 1600m)")
     ap.add_argument("--bits", type=float, default=4.5)
     ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--configs", default="ddp,fsdp-keep", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default="ddp-cg,fsdp-keep-rt-u4-cg",
+                    help=f"comma-separated, of {', '.join(CONFIGS)}, each with the modifiers -uK, -bMB, -cg, "
+                         f"@VAR=V (see the file's docstring)")
     ap.add_argument("--steps", type=int, default=30, help="logged steps per run")
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of the timing")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per run at most")

@@ -87,7 +87,8 @@ from .errors import UserError
               help="DDP: size of the gradient buckets all-reduced while backward runs (smaller: an earlier "
               "start and a shorter tail; larger: fewer collectives).")
 @click.option("--cuda-graphs", is_flag=True, help="With --compile on CUDA: replay the compiled graphs as "
-              "CUDA graphs (no CPU launch cost per kernel; more memory).")
+              "CUDA graphs (no CPU launch cost per kernel; more memory). With --strategy fsdp it needs "
+              "--fsdp-keep-params: each GPU's gathered parameters then keep their memory between steps.")
 @click.option("--profile", "use_profile", is_flag=True, help="Profile steps 6–8 (PyTorch profiler) into "
               "RUN/profile/: per process, a table of the slowest ops/kernels and a Chrome trace.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)

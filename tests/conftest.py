@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture()
+def world():
+    """One in-process rank (gloo): FSDP2's wrapping and local-shard code without launching processes."""
+    from fbqc.qat.parallel import dist as D
+
+    w, _ = D.init(1, "cpu")
+    yield w
+    w.close()
+
+
 _compiled: dict = {}
 
 

@@ -148,7 +148,7 @@ def test_errors_name_the_problem(tmp_path):
     from fbqc.qat.parallel.dist import DDP_BUCKET_MB
     assert next(p.default for p in main.commands["train"].params if p.name == "ddp_bucket_mb") == DDP_BUCKET_MB
     for flags, message in ((["--strategy", "ddp"], "needs --compile and --device cuda"),
-                           (["--compile", "--device", "cuda", "--strategy", "fsdp"], "does not work with --strategy fsdp"),
+                           (["--compile", "--device", "cuda", "--strategy", "fsdp"], "with --strategy fsdp needs --fsdp-keep-params"),
                            (["--compile", "--device", "cuda"], "add --strategy ddp")):
         run = CliRunner().invoke(main, ["train", str(toy), "-o", str(tmp_path / "c"), "--cuda-graphs", *flags, "-q"])
         assert run.exit_code == 2 and message in run.output, (flags, run.output)

@@ -8,15 +8,7 @@ import copy
 import pytest
 import torch
 
-from fbqc.qat.parallel import dist as D
 from fbqc.qat.parallel.shards import LocalShardAdamW, clip_local, local
-
-
-@pytest.fixture()
-def world():
-    w, _ = D.init(1, "cpu")
-    yield w
-    w.close()
 
 
 def sharded_pair():

@@ -80,10 +80,10 @@ class TrainConfig:
         if self.cuda_graphs and not (self.compile and self.device.startswith("cuda")):
             raise ValueError("--cuda-graphs replays the compiled graphs on the GPU: it needs --compile and "
                              "--device cuda")
-        if self.cuda_graphs and self.strategy == "fsdp":
-            raise ValueError("--cuda-graphs does not work with --strategy fsdp: FSDP2 gathers the parameters "
-                             "into new memory every step, so the graphs re-record (2.1 s a step for Sana-1600M "
-                             "on 2 H200s); use --strategy ddp, or fsdp without --cuda-graphs")
+        if self.cuda_graphs and self.strategy == "fsdp" and not self.fsdp_keep_params:
+            raise ValueError("--cuda-graphs with --strategy fsdp needs --fsdp-keep-params: the graphs replay on "
+                             "each GPU's gathered parameters, which then keep their memory between steps "
+                             "(without it FSDP2 frees them after each forward and the graphs re-record every step)")
         if self.cuda_graphs and not self.module_student:
             raise ValueError("--cuda-graphs trains the module student: add --strategy ddp (one process is "
                              "then the plain model, no wrapper)")

@@ -142,12 +142,13 @@ def check_grad_reduce(grad_reduce: str, device: str) -> None:
 
 def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, device: torch.device, world: World,
          *, trainable: bool = True, param_dtype: torch.dtype | None = None, grad_reduce: str = "fp32",
-         keep_params: bool = False, unit: int = 1, bucket_mb: float = DDP_BUCKET_MB) -> torch.nn.Module:
+         keep_params: bool = False, unit: int = 1, bucket_mb: float = DDP_BUCKET_MB,
+         fixed_addresses: bool = False) -> torch.nn.Module:
     """``model`` wrapped for ``strategy`` (ddp | fsdp); a frozen model (``trainable=False``) is only
     sharded (fsdp) or left as it is (ddp: a replica per process).
 
     - ``param_dtype`` (fsdp): the dtype parameters are all-gathered in (the frozen teacher under bf16
-      autocast: half the traffic).
+      autocast: half the traffic); the inputs stay as they are (autocast casts what it computes in bf16).
     - ``grad_reduce``: ``fp32``, or ``bf16`` — gradients averaged across processes in bf16 (half the
       traffic; each process's own gradient and the optimizer stay fp32).
     - ``keep_params`` (fsdp): keep each block's gathered parameters from forward to backward
@@ -155,6 +156,8 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
     - ``unit`` (fsdp): consecutive blocks per FSDP2 unit (one all-gather and one reduce-scatter each):
       fewer, larger collectives and hooks, coarser overlap.
     - ``bucket_mb`` (ddp): gradient bucket size in MB.
+    - ``fixed_addresses`` (fsdp, with ``keep_params``): each unit's gathered parameters keep their memory
+      between steps (:func:`keep_gathered_memory`), so CUDA graphs replay on them (``--cuda-graphs``).
 
     DDP over one process is no wrapper at all (it would only copy gradients into buckets).
     """
@@ -163,18 +166,26 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # cast_forward_inputs=False: FSDP2 would otherwise cast every unit's floating inputs to param_dtype —
+        # the teacher's timestep, latents and residual stream rounded to bf16 at each unit, a KD target
+        # the replicated teacher (bf16 weights, fp32 inputs, autocast) does not compute
         kw: dict[str, Any] = {"mp_policy": MixedPrecisionPolicy(
-            param_dtype=param_dtype, reduce_dtype=torch.bfloat16 if bf16 else None)}
+            param_dtype=param_dtype, reduce_dtype=torch.bfloat16 if bf16 else None, cast_forward_inputs=False)}
         if trainable and keep_params:
             kw["reshard_after_forward"] = False
         if unit < 1:
             raise ValueError(f"--fsdp-unit must be ≥ 1, got {unit}")
+        if fixed_addresses and not (trainable and keep_params):
+            raise ValueError("fixed_addresses keeps the gathered parameters of a trained FSDP2 model that keeps "
+                             "them from forward to backward (keep_params=True)")
         units = [blocks[i:i + unit] for i in range(0, len(blocks), unit)]
         for group in units:
             fully_shard(group if len(group) > 1 else group[0], **kw)
         fully_shard(model, **kw)
         for group, after in zip(units, units[1:]):       # gather unit i+1 while unit i computes, also
             group[0].set_modules_to_forward_prefetch([after[0]])   # when the CPU is not far ahead
+        if fixed_addresses:
+            keep_gathered_memory(model)
         return model
     if strategy == "ddp":
         if not trainable or world.size == 1:
@@ -191,6 +202,42 @@ def wrap(model: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, d
             ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         return ddp
     raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
+
+
+def keep_gathered_memory(model: torch.nn.Module) -> int:
+    """Keep the memory of every FSDP2 parameter's gathered (unsharded) tensor of ``model`` between steps;
+    the number of parameters. Each step's all-gather still refreshes the values — it copies them into
+    that same memory — but the tensors the compiled blocks read keep their addresses, which is what a
+    CUDA graph replay needs (its inputs are baked in by address: FSDP2 frees the gathered memory when it
+    reshards and allocates it again at the next all-gather, so every step would re-record the graphs).
+
+    With ``reshard_after_forward=False`` (``--fsdp-keep-params``) the whole gathered model is held during
+    backward anyway, so the peak memory does not grow; between steps each GPU holds it as DDP does.
+    FSDP2 has no switch for this: ``free_unsharded_param`` is shadowed per parameter (torch's private
+    ``FSDPParam``; a torch without it is an error that says so)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    kept: dict[int, Any] = {}
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        state = m._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)       # torch ≥ 2.12; one group before
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for fp in group.fsdp_params:
+                if not callable(getattr(fp, "free_unsharded_param", None)):
+                    raise RuntimeError(f"torch {torch.__version__}: FSDP2's FSDPParam has no free_unsharded_param; "
+                                       f"--cuda-graphs with --strategy fsdp cannot keep the gathered parameters")
+                fp.free_unsharded_param = _keep                    # the instance's, not the class's
+                kept[id(fp)] = fp
+    return len(kept)
+
+
+def _keep() -> None:
+    """In place of ``FSDPParam.free_unsharded_param``: the gathered memory stays (:func:`keep_gathered_memory`)."""
 
 
 def _options(**kw):

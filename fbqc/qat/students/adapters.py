@@ -154,13 +154,14 @@ class ModuleAdapter(_Adapter):
 
                 for b in blocks:
                     checkpoint(b)
-            if cfg.compile:
+            if cfg.compile:      # a sharded teacher gathers into new memory every step: no CUDA graphs
+                graphs = cfg.cuda_graphs and (m is model or not sharded)
                 for b in blocks:
-                    b.compile(options=compile_options(cfg.cuda_graphs))
+                    b.compile(options=compile_options(graphs))
         self.model = model
         self.wrapped = D.wrap(model, [b for _, b in block_modules(model)], strategy, device, world,
                               grad_reduce=cfg.grad_reduce, keep_params=cfg.fsdp_keep_params, unit=cfg.fsdp_unit,
-                              bucket_mb=cfg.ddp_bucket_mb)
+                              bucket_mb=cfg.ddp_bucket_mb, fixed_addresses=self.sharded and cfg.cuda_graphs)
         self._teacher = (D.wrap(teacher, [b for _, b in block_modules(teacher)], strategy, device, world,
                                 trainable=False, param_dtype=bf16, unit=cfg.fsdp_unit)
                          if shard_teacher and teacher is not None else teacher)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .ops.fake_quant import act_codes
 from .ops.integer import int_matmul
+
+_QLINEAR = torch.ops.fbqc.qlinear.default
 from .quant_math import act_qmax
 
 #: unit roundoff of float32: the float path's error is at most (K + 2)·u·(Σ|x·w| + |b|)
@@ -46,15 +48,16 @@ class LayerAgreement:
         return {**asdict(self), "exact": self.exact}
 
 
-def _layer_args(args: list[Any]) -> dict[str, Any]:
-    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_bits"]
-    return dict(zip(names, args))
+def layer_args(args: list[Any]) -> dict[str, Any]:
+    """An integer layer's arguments (``fbqc::qlinear`` and ``fbqc::qconv2d_1x1`` take the same) by the
+    names of the op's schema: ``xq``, ``x_scale``, ``x_zp``, ``wq``, …, ``y_bits``."""
+    return {a.name: v for a, v in zip(_QLINEAR._schema.arguments, args)}
 
 
 def check_layer(layer: str, kind: str, args: list[Any], xq: torch.Tensor, yq: torch.Tensor
                 ) -> LayerAgreement:
     """Teacher-forced check of one integer layer (``args`` as the qlinear op takes them)."""
-    a = _layer_args(args)
+    a = layer_args(args)
     x_last = xq.movedim(1, -1) if kind == "conv1x1" else xq
     y_last = (yq.movedim(1, -1) if kind == "conv1x1" else yq).to(torch.int64).numpy()
     wq = a["wq"].reshape(a["wq"].shape[0], -1)

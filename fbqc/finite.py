@@ -64,16 +64,6 @@ def first_nonfinite_node(program, inputs: dict[str, Any]) -> str | None:
     None when every value is finite (a parameter that is itself non-finite shows as its first user)."""
     interp = _FirstNonFinite(program.graph_module)
     with torch.no_grad():
-        interp.run(*_ordered(program.graph_module, inputs))
+        interp.run(*program.flat_inputs(inputs))
     return describe_node(interp.first) if interp.first is not None else None
 
-
-def _ordered(gm: fx.GraphModule, inputs: dict[str, Any]) -> list[Any]:
-    """Positional arguments of ``gm``'s placeholders from keyword ``inputs`` (the pytree codegen of
-    an unlifted exported module flattens ``(args, kwargs)`` in its own order)."""
-    from torch.fx._pytree import tree_flatten_spec
-
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        return tree_flatten_spec(((), inputs), spec)
-    return [inputs[n.target] for n in gm.graph.nodes if n.op == "placeholder"]

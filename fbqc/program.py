@@ -44,6 +44,30 @@ class Program:
         with torch.no_grad():
             return self(**self.example_inputs)
 
+    # --- inputs -------------------------------------------------------------------------------
+    def flat_inputs(self, inputs: dict[str, Any]) -> list[Any]:
+        """The values of keyword ``inputs`` (shaped like :attr:`example_inputs`: nested dicts and lists,
+        ``None`` for an absent one) in the order of the graph's placeholders: the leaves of the exported
+        input tree, one per placeholder."""
+        spec = getattr(self.graph_module, "_in_spec", None)
+        if spec is None:                   # a graph built by hand: its placeholders are the input names
+            return [inputs[n.target] for n in self.graph.nodes if n.op == "placeholder"]
+        from torch.fx._pytree import tree_flatten_spec
+
+        return tree_flatten_spec(((), dict(inputs)), spec)
+
+    def input_names(self) -> dict[str, str]:
+        """Each placeholder's name → the example input it receives: the key (``hidden_states``), or its
+        path in a nested input (``added_cond_kwargs['resolution']``)."""
+        from torch.utils import _pytree as pytree
+
+        paths = pytree.tree_map_with_path(lambda path, _: pytree.keystr(path), dict(self.example_inputs))
+        names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+        leaves = self.flat_inputs(paths)
+        if len(leaves) != len(names):
+            raise ValueError(f"the program has {len(names)} inputs, its example inputs {len(leaves)} leaves")
+        return {n: re.sub(r"^\['([^']*)'\]", r"\1", leaf) for n, leaf in zip(names, leaves)}
+
     # --- graph access -------------------------------------------------------------------------
     @property
     def graph(self) -> fx.Graph:

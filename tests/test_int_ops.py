@@ -361,3 +361,13 @@ def test_fake_kernels_shapes_and_dtypes():
                                     for k, v in c8.items())),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_layer_args_are_named_by_both_integer_ops_schemas():
+    """fbqc.agreement.layer_args (the CPU and HTP verifies read a layer's constants through it) takes the
+    names from fbqc::qlinear's schema, and fbqc::qconv2d_1x1 takes the same arguments."""
+    from fbqc.agreement import layer_args
+
+    names = list(layer_args(list(range(10))))
+    assert names == ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_bits"]
+    assert names == [a.name for a in torch.ops.fbqc.qconv2d_1x1.default._schema.arguments]

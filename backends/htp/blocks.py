@@ -246,12 +246,7 @@ def capture(program: Program, inputs: dict[str, Any], blocks: list[Block] = (), 
     gm = program.graph_module
     keep = {n for b in blocks for n in (*b.inputs, *b.outputs)}
     rec = _Recorder(gm, keep, codes)
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        flat = fx._pytree.tree_flatten_spec(((), dict(inputs)), info.in_spec)
-    else:
-        flat = [inputs[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = program.flat_inputs(inputs)
     with torch.no_grad():
         out = rec.run(*flat, enable_io_processing=False)
     outputs = flat_tensors(gm.graph.process_outputs(out))

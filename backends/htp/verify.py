@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from fbqc.agreement import end_to_end, output_lsb
+from fbqc.agreement import end_to_end, layer_args, output_lsb
 from fbqc.quant_math import act_container, act_qmax
 
 from .qnn_compile import CTX_FILE, QDQ_FILE
@@ -73,11 +73,6 @@ def summarize(rows: list[CodeAgreement]) -> dict[str, Any]:
     out["passed"] = (out["a8_within_1lsb"] >= A8_WITHIN_1LSB_GOAL if a8 else True) and \
         out["a16_max_rel_error"] <= A16_REL_ERROR_LIMIT
     return out
-
-
-def _layer_args(ref, node) -> dict[str, Any]:
-    names = ["xq", "x_scale", "x_zp", "wq", "w_scale", "w_zp", "bias", "y_scale", "y_zp", "y_bits"]
-    return dict(zip(names, ref.constants(node)))
 
 
 def _bits(act_bits: float) -> int:
@@ -131,7 +126,7 @@ def teacher_forced_rows(ref, codes, kinds, results: list[SimResult]) -> tuple[li
     outs = {k: v for r in results for k, v in r.outputs.items()}
     rows = []
     for name, node in ref.layers().items():
-        a = _layer_args(ref, node)
+        a = layer_args(ref.constants(node))
         rows.append(compare_codes(name, _bits(a["y_bits"]), outs[f"{name}:y"],
                                   _codes2d(codes[name]["yq"], kinds[name]), a["y_zp"]))
     info = {"compile_seconds": sum(r.compile_seconds for r in results),
@@ -148,7 +143,7 @@ def free_rows(ref, layers: list[str], outs: dict[str, np.ndarray], names: dict[s
     nodes = ref.layers()
     rows = []
     for name in layers:
-        a = _layer_args(ref, nodes[name])
+        a = layer_args(ref.constants(nodes[name]))
         y = outs[names[name]].astype(np.float64)
         got = np.clip(np.rint(y / np.float32(a["y_scale"])) + a["y_zp"], 0, act_qmax(a["y_bits"]))
         want = codes[name]["yq"].to(torch.int64).numpy()

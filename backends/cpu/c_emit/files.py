@@ -166,12 +166,9 @@ def copy_runtime(dest: Path) -> None:
 
 def _leaves_by_placeholder(program: Program, inputs: dict[str, Any]) -> dict[str, Any]:
     """The input pytree's leaves (nested dicts, ``None``) by the placeholder that receives each."""
-    from torch.fx._pytree import tree_flatten_spec
-
     names = [n.name for n in program.graph.nodes if n.op == "placeholder"]
-    spec = getattr(program.graph_module, "_in_spec", None)
     try:
-        leaves = tree_flatten_spec(((), inputs), spec) if spec is not None else None
+        leaves = program.flat_inputs(inputs)
     except Exception:  # noqa: BLE001 - inputs not shaped like the program's: matched by name below
         leaves = None
     if leaves is None or len(leaves) != len(names):

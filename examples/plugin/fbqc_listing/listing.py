@@ -153,11 +153,12 @@ def layer_comment(node: fx.Node, spec: QuantSpec, program: Program) -> list[str]
 
 
 def input_key(node: fx.Node, program: Program) -> str:
-    """The example-input key a placeholder binds (a listing binds inputs by name)."""
-    if node.name not in program.example_inputs:
-        raise NoTextForm(f"input {node.name} is not one of the program's example inputs "
-                         f"({', '.join(program.example_inputs) or 'none'}); a listing binds inputs by name")
-    return node.name
+    """The example-input key a placeholder binds (a listing binds top-level inputs by name)."""
+    key = program.input_names()[node.name]
+    if key not in program.example_inputs:
+        raise NoTextForm(f"input {node.name} is {key}, inside a nested example input; a listing binds "
+                         f"top-level inputs by name ({', '.join(program.example_inputs) or 'none'})")
+    return key
 
 
 def input_keys(program: Program) -> list[str]:

@@ -61,12 +61,13 @@ class Program:
         path in a nested input (``added_cond_kwargs['resolution']``)."""
         from torch.utils import _pytree as pytree
 
-        paths = pytree.tree_map_with_path(lambda path, _: pytree.keystr(path), dict(self.example_inputs))
+        paths = pytree.tree_map_with_path(lambda path, _: str(path[0].key) + pytree.keystr(path[1:]),
+                                          dict(self.example_inputs))     # the key, then the path inside it
         names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
         leaves = self.flat_inputs(paths)
         if len(leaves) != len(names):
             raise ValueError(f"the program has {len(names)} inputs, its example inputs {len(leaves)} leaves")
-        return {n: re.sub(r"^\['([^']*)'\]", r"\1", leaf) for n, leaf in zip(names, leaves)}
+        return dict(zip(names, leaves))
 
     # --- graph access -------------------------------------------------------------------------
     @property

@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture()
+def single_thread():
+    """The test on one intra-op thread (``test_qat_toy.one_thread``): a module of tiny-model tests takes it
+    with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    from test_qat_toy import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture()
 def world():
     """One in-process rank (gloo): FSDP2's wrapping and local-shard code without launching processes."""
     from fbqc.qat.parallel import dist as D

@@ -14,15 +14,9 @@ from fbqc.cli import main
 from fbqc.passes import AnnotateLinears, InsertFakeQuant
 from fbqc.qat import bit_change as BC
 from fbqc.qat.rundir.checkpoint import RunError
-from test_qat_toy import one_thread, toy_file
+from test_qat_toy import QUIET, toy_file
 
-QUIET = dict(progress=False, log=lambda s: None)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ from conftest import example
 from fbqc.cli import main
 from fbqc.frontend import load_model_file
 from fbqc.ops.fake_quant import weight_codes
-from test_qat_toy import one_thread
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def test_train_compile_verify_a_run(tmp_path):

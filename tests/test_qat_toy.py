@@ -46,6 +46,10 @@ def training_data():
 '''
 
 
+#: fbqc.qat.train(..., **QUIET): no progress bar, no log lines
+QUIET = dict(progress=False, log=lambda s: None)
+
+
 def toy_file(directory: Path, with_data: bool = True) -> Path:
     path = Path(directory) / ("toy.py" if with_data else "toy_nodata.py")
     path.write_text(TOY + (TRAINING_DATA if with_data else ""))

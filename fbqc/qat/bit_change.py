@@ -33,6 +33,7 @@ from fbqc.quant_math import container_for, narrow_levels, wide_levels
 from fbqc.spec import LAYER
 
 from .parallel.shards import local
+from .rundir.summary import mean_or_none
 
 MOMENTS = ("keep", "reset", "momentum")
 WINDOW = 10                     # steps before/after a change that the report and the code snapshots look at
@@ -230,10 +231,6 @@ class BitChanges:
         return report(rows, self.window, flips)
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def report(rows: Sequence[dict], window: int = WINDOW, flips: dict[int, dict] | None = None) -> list[dict[str, Any]]:
     """One dict per bit change (a row with ``"change"``), from the step rows:
 
@@ -250,7 +247,7 @@ def report(rows: Sequence[dict], window: int = WINDOW, flips: dict[int, dict] | 
         if not ch:
             continue
         s = r["step"]
-        before = _mean([by_step[i]["loss"] for i in range(s - window, s) if i in by_step])
+        before = mean_or_none([by_step[i]["loss"] for i in range(s - window, s) if i in by_step])
         after = [by_step[i]["loss"] for i in range(s, s + window) if i in by_step]
         peak = max(after) if after else None
         recovery = None

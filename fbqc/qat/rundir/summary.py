@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _mean(xs: Sequence[float]) -> float | None:
+def mean_or_none(xs: Sequence[float]) -> float | None:
+    """The mean of ``xs``; None for none (a phase or window without logged steps)."""
     return sum(xs) / len(xs) if xs else None
 
 
@@ -21,13 +22,13 @@ def summarize(rows: Sequence[dict], sched, cfg, layers: Sequence[str], seconds: 
         ramp = {"from_bits": span.from_bits} if span.ramp else {}     # bits: where a ramp ends
         phases.append({"bits": bits, **ramp, "label": span.label + (" ramp" if span.ramp else ""),
                        "steps": end - start, "first_step": start + 1, "last_step": end,
-                       "trained": len(losses), "loss_start": _mean(losses[:k]),
-                       "loss_end": _mean(losses[-k:])})
+                       "trained": len(losses), "loss_start": mean_or_none(losses[:k]),
+                       "loss_end": mean_or_none(losses[-k:])})
     last = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     return {"schedule": sched.name, "spec": sched.spec, "steps": sched.steps,
             "completed": rows[-1]["step"] if rows else 0, "finished": finished,
             "final_bits": sched.final_bits, "scheduled_layers": len(layers),
-            "final_loss": _mean(last), "seconds_this_session": round(seconds, 2),
+            "final_loss": mean_or_none(last), "seconds_this_session": round(seconds, 2),
             "data": data_note, "phases": phases, "config": asdict(cfg)}
 
 
